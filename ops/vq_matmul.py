@@ -1,0 +1,75 @@
+"""VQMatMul: ``MatMul`` with one VQ-encoded constant operand.
+
+Math: ``Y = X @ W`` (``weight_left`` = 0, the default) or ``Y = W @ X`` (``weight_left`` = 1),
+numpy ``matmul`` semantics (broadcast batch axes), where ``W`` is rebuilt by
+``onnxvq.ops.vq_weight.decode_weight``. Rows of the encoded matrix are the outputs:
+``swapaxes(W, -1, -2)`` for a right weight (..., K, N), the *transposed* layout, and ``W`` itself
+for a left weight (..., M, K).
+
+Inputs: ``X`` (the activation, whichever side it multiplies from), ``codes``, ``codebook``.
+Attributes: ``weight_left`` (int, 0 or 1), plus ``weight_shape``, ``weight_dtype``, ``code_bits``,
+``method``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+from onnxvq.ops import vq_weight
+
+__all__ = ["CASES", "CONSUMER", "OP_TYPE", "VQMatMul", "decode", "function", "weight_view"]
+
+OP_TYPE = "VQMatMul"
+CONSUMER = "MatMul"
+CONSUMER_ATTRIBUTES = ()
+INPUTS = ["X", "codes", "codebook"]
+
+
+def is_transposed(attributes: dict) -> bool:
+    return not attributes.get("weight_left", 0)
+
+
+def weight_view(weight_shape, attributes: dict) -> tuple[bool, int]:
+    """(transposed, row_axes) of ``onnxvq.layout``: rows are the outputs of every batch entry."""
+    return is_transposed(attributes), len(weight_shape) - 1
+
+
+def decode(codes: np.ndarray, codebook: np.ndarray, **attributes) -> np.ndarray:
+    """The dense W this node stands for."""
+    return vq_weight.weight_from_attributes(
+        codes, codebook, attributes, transposed=is_transposed(attributes)
+    )
+
+
+def function(variant: vq_weight.Variant, opset: int):
+    product = "Y = MatMul (w, X)" if variant.weight_left else "Y = MatMul (X, w)"
+    return vq_weight.make_function(
+        op_type=OP_TYPE,
+        overload=variant.overload,
+        opset=opset,
+        inputs=INPUTS,
+        attributes=["weight_left", *vq_weight.VQ_ATTRIBUTES],
+        body=vq_weight.decode_body(variant) + [product],
+    )
+
+
+class VQMatMul(OpRun):
+    """``onnx.reference`` kernel: numpy decode, then ``np.matmul``."""
+
+    op_domain = vq_weight.DOMAIN
+
+    def _run(self, X, codes, codebook, **attributes):
+        W = decode(codes, codebook, **attributes)
+        Y = np.matmul(W, X) if attributes.get("weight_left", 0) else np.matmul(X, W)
+        return (Y.astype(X.dtype),)
+
+
+# Conformance cases: (name, weight shape, input shape, {"weight_left": 0/1}, None).
+CASES = [
+    ("matmul_right_2d", (40, 24), (3, 5, 40), {}, None),
+    ("matmul_right_batched_weight", (3, 12, 10), (3, 4, 12), {}, None),
+    ("matmul_left_2d", (20, 12), (2, 12, 6), {"weight_left": 1}, None),
+    ("matmul_left_batched_weight", (2, 9, 12), (2, 12, 5), {"weight_left": 1}, None),
+    ("matmul_right_vector_input", (16, 8), (16,), {}, None),
+]

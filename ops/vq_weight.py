@@ -1,0 +1,226 @@
+"""The VQ-encoded weight: what every ``ai.onnxvq`` op has in common.
+
+Math (plain product quantization): with codes ``Q`` (rows x n_sub, unpacked as in
+``onnxvq.ops.codes``) and codebook ``C`` (k x d),
+
+    S[r, j, :] = C[Q[r, j], :]                      (rows, n_sub, d)
+    M = S.reshape(rows, n_sub * d)[:, :cols]        cols = prod(weight_shape) / rows
+    W = M.reshape(weight_shape)                                       (not transposed)
+    W = swapaxes(M.reshape(swap_last_two(weight_shape)), -1, -2)      (transposed)
+
+cast to ``weight_dtype`` (the layout is ``onnxvq.layout``). :func:`decode_weight` is the single
+numpy definition; :func:`decode_body` emits the same computation in standard ONNX ops for the
+function bodies, and tests hold the two equal.
+
+Attributes every VQ op carries:
+
+* ``weight_shape`` (tensor, int64 1-D): the dense weight's shape as the original consumer read it;
+* ``weight_dtype`` (int): ONNX element type of the dense weight (``TensorProto.FLOAT``, ...);
+* ``code_bits`` (int): 4, 8 or 16, how codes are packed (``onnxvq.ops.codes``);
+* ``method`` (string): the method that produced the encoding (``"pq"``), informational.
+
+Structure that differs between nodes (code packing, padding, transposition, operand side) is
+selected by the node's function *overload*, a pure function of the attributes and tensor shapes
+(:class:`Variant`), so each overload's body is straight-line standard ops.
+
+Body facts (onnxruntime 1.31, DESIGN.md): ``Gather`` takes only int32/int64 indices, so codes are
+cast first; 4-bit codes decode fastest through a "pair codebook" (256 rows of two codewords,
+gathered by byte); the codebook is cast to the weight dtype *before* the gather (k x d values
+rather than the whole weight). Only ops whose signature is stable from opset 11 to the newest are
+used (no Unsqueeze, no Constant ``value_ints``), so bodies work in any model of opset >= 11.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx
+import onnx.parser
+
+from onnxvq.layout import matrix_to_weight, subvectors_to_matrix
+from onnxvq.ops.codes import unpack_codes
+
+__all__ = [
+    "DOMAIN",
+    "MIN_OPSET",
+    "VERSION",
+    "VQ_ATTRIBUTES",
+    "Variant",
+    "decode_body",
+    "decode_weight",
+    "make_function",
+    "np_dtype",
+    "weight_from_attributes",
+]
+
+DOMAIN = "ai.onnxvq"
+VERSION = 1
+VQ_ATTRIBUTES = ("weight_shape", "weight_dtype", "code_bits", "method")
+MIN_OPSET = 11
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The structural variant of a VQ node; its ``overload`` names the function body.
+
+    ``padded``: decoded rows are longer than ``cols`` (d does not divide a row, or an odd count of
+    4-bit codes), so the body slices. ``transposed_rank``: 0, or the weight's rank when the layout
+    is transposed. ``weight_left``: MatMul only, the weight is the left operand.
+    """
+
+    code_bits: int
+    padded: bool
+    transposed_rank: int
+    weight_left: bool = False
+
+    @property
+    def overload(self) -> str:
+        parts = [f"{self.code_bits}b"]
+        if self.padded:
+            parts.append("pad")
+        if self.transposed_rank:
+            parts.append(f"t{self.transposed_rank}")
+        if self.weight_left:
+            parts.append("left")
+        return ".".join(parts)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        code_bits: int,
+        codes_shape,
+        d: int,
+        weight_shape,
+        transposed: bool,
+        weight_left: bool = False,
+    ) -> "Variant":
+        rows = int(codes_shape[0])
+        per_row = int(codes_shape[1]) * (2 if code_bits == 4 else 1)
+        cols = math.prod(int(s) for s in weight_shape) // rows
+        return cls(
+            code_bits=int(code_bits),
+            padded=per_row * d != cols,
+            transposed_rank=len(weight_shape) if transposed else 0,
+            weight_left=weight_left,
+        )
+
+
+def np_dtype(onnx_dtype: int) -> np.dtype:
+    """Numpy dtype of an ONNX element type (bfloat16 through ml_dtypes, as onnx does)."""
+    return onnx.helper.tensor_dtype_to_np_dtype(int(onnx_dtype))
+
+
+def decode_weight(
+    codes: np.ndarray,
+    codebook: np.ndarray,
+    *,
+    weight_shape,
+    weight_dtype: int,
+    code_bits: int,
+    transposed: bool,
+) -> np.ndarray:
+    """The dense weight a VQ node stands for (the numpy definition; see module docstring)."""
+    weight_shape = tuple(int(s) for s in np.asarray(weight_shape).reshape(-1))
+    index = unpack_codes(codes, int(code_bits))
+    rows = index.shape[0]
+    cols = math.prod(weight_shape) // rows
+    gathered = codebook.astype(np.float32)[index]  # (rows, n, d)
+    matrix = subvectors_to_matrix(gathered.reshape(rows, -1), cols)
+    weight = matrix_to_weight(matrix, weight_shape, transposed)
+    return np.ascontiguousarray(weight).astype(np_dtype(weight_dtype))
+
+
+def decode_body(variant: Variant) -> list[str]:
+    """ONNX text-format statements that compute ``w`` from ``codes`` and ``codebook``."""
+    lines = [
+        "cb = Cast <to: int = @weight_dtype> (codebook)",
+        "idx = Cast <to = 7> (codes)",
+        "zero = Constant <value = int64[1] {0}> ()",
+        "one = Constant <value = int64[1] {1}> ()",
+    ]
+    if variant.code_bits == 4:
+        low = ", ".join(str(i % 16) for i in range(256))
+        high = ", ".join(str(i // 16) for i in range(256))
+        lines += [
+            # Pair codebook: row b = [C[b & 15], C[b >> 4]]; indices are taken mod k so that a
+            # codebook with fewer than 16 rows still yields a full 256-row table.
+            "cb_shape = Shape (cb)",
+            "k = Gather <axis = 0> (cb_shape, zero)",
+            f"low_nibble = Constant <value = int64[256] {{{low}}}> ()",
+            f"high_nibble = Constant <value = int64[256] {{{high}}}> ()",
+            "low_k = Mod (low_nibble, k)",
+            "high_k = Mod (high_nibble, k)",
+            "cb_low = Gather <axis = 0> (cb, low_k)",
+            "cb_high = Gather <axis = 0> (cb, high_k)",
+            "pairs = Concat <axis = 1> (cb_low, cb_high)",
+            "gathered = Gather <axis = 0> (pairs, idx)",
+        ]
+    else:
+        lines.append("gathered = Gather <axis = 0> (cb, idx)")
+    lines += [
+        "rows_by_rest = Constant <value = int64[2] {0, -1}> ()",
+        "flat = Reshape (gathered, rows_by_rest)",
+        "wshape = Constant <value: tensor = @weight_shape> ()",
+    ]
+    if variant.padded:
+        lines += [
+            "numel = ReduceProd <keepdims = 1> (wshape)",
+            "codes_shape = Shape (codes)",
+            "rows = Gather <axis = 0> (codes_shape, zero)",
+            "cols = Div (numel, rows)",
+            "matrix = Slice (flat, zero, cols, one)",
+        ]
+    matrix = "matrix" if variant.padded else "flat"
+    rank = variant.transposed_rank
+    if rank:
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        perm_text = ", ".join(map(str, perm))
+        lines += [
+            f"swap = Constant <value = int64[{rank}] {{{perm_text}}}> ()",
+            "layout_shape = Gather <axis = 0> (wshape, swap)",
+            f"layout = Reshape ({matrix}, layout_shape)",
+            f"w = Transpose <perm = [{perm_text}]> (layout)",
+        ]
+    else:
+        lines.append(f"w = Reshape ({matrix}, wshape)")
+    return lines
+
+
+def make_function(
+    *,
+    op_type: str,
+    overload: str,
+    opset: int,
+    inputs: list[str],
+    attributes: list[str],
+    body: list[str],
+) -> onnx.FunctionProto:
+    """Parse a model-local function of the ai.onnxvq domain from text statements."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"VQ function bodies need opset >= {MIN_OPSET}, got {opset}")
+    text = (
+        f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
+        f"{op_type} <{', '.join(attributes)}> ({', '.join(inputs)}) => (Y) {{\n  "
+        + "\n  ".join(body)
+        + "\n}"
+    )
+    function = onnx.parser.parse_function(text)
+    function.overload = overload
+    return function
+
+
+def weight_from_attributes(
+    codes: np.ndarray, codebook: np.ndarray, attributes: dict, *, transposed: bool
+) -> np.ndarray:
+    """:func:`decode_weight` fed from a node's attribute values (as ``onnx.reference`` gives them)."""
+    return decode_weight(
+        codes,
+        codebook,
+        weight_shape=attributes["weight_shape"],
+        weight_dtype=attributes.get("weight_dtype", onnx.TensorProto.FLOAT),
+        code_bits=attributes["code_bits"],
+        transposed=transposed,
+    )
