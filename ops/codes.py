@@ -28,8 +28,9 @@ MAX_K = 1 << 16
 
 def code_bits_for_k(k: int) -> int:
     """The narrowest storage for indices below ``k``."""
-    if not 2 <= k <= MAX_K:
-        raise ValueError(f"k must be in [2, {MAX_K}], got {k}")
+    # k == 1 happens when a layer has a single subvector; it still packs as 4 bits.
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
     if k <= 16:
         return 4
     return 8 if k <= 256 else 16

@@ -87,6 +87,15 @@ class Variant:
         return ".".join(parts)
 
     @classmethod
+    def from_overload(cls, overload: str) -> "Variant":
+        """Inverse of :attr:`overload`."""
+        parts = overload.split(".")
+        if not parts[0].endswith("b"):
+            raise ValueError(f"not a VQ overload: {overload!r}")
+        rank = next((int(p[1:]) for p in parts[1:] if p.startswith("t")), 0)
+        return cls(int(parts[0][:-1]), "pad" in parts, rank, "left" in parts)
+
+    @classmethod
     def of(
         cls,
         *,

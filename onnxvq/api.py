@@ -1,0 +1,291 @@
+"""The public API: :func:`compress` and :func:`decompress`.
+
+The flow of ``compress`` (DESIGN.md): load -> plan (config resolved per layer) -> encode (one
+method call per distinct weight) -> rewrite (passes) -> provenance; saving is the caller's
+choice (:meth:`CompressResult.save`), so the API works inside a pipeline without touching disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from onnxvq import ops
+from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes
+from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
+from onnxvq.errors import OnnxVQError
+from onnxvq.methods import get_method
+from onnxvq.model_io import load_model, save_model
+from onnxvq.ops.codes import code_bits_for_k, packed_nbytes
+from onnxvq.layout import WeightLayout
+from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
+from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceWithVQOpsPass
+from onnxvq.summary import LayerReport, Summary, sqnr_db
+
+__all__ = ["PROVENANCE_KEY", "CompressResult", "compress", "decompress"]
+
+PROVENANCE_KEY = "onnxvq"
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+
+
+@dataclasses.dataclass
+class CompressResult:
+    """A compressed model and what was done to it.
+
+    Attributes:
+        model: the compressed model (``onnx_ir.Model``); :meth:`to_proto` gives a ModelProto.
+        summary: per-layer and total sizes, ratios and SQNR.
+    """
+
+    model: ir.Model
+    summary: Summary
+
+    def to_proto(self) -> onnx.ModelProto:
+        return ir.serde.serialize_model(self.model)
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> list[str]:
+        """Write atomically (see :func:`onnxvq.model_io.save_model`); returns the files written."""
+        return save_model(self.model, path, external_data=external_data)
+
+
+def compress(
+    model: ModelLike,
+    config: CompressConfig | Mapping[str, Any] | str | os.PathLike | None = None,
+    /,
+    *,
+    progress: bool = False,
+    **settings: Any,
+) -> CompressResult:
+    """Replace the weights of Conv/Gemm/MatMul layers by vector-quantized ``ai.onnxvq`` ops.
+
+    Args:
+        model: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``; never modified.
+        config: a :class:`CompressConfig`, a mapping of settings, or a JSON/YAML file path.
+        progress: show a progress bar over layers (on stderr).
+        **settings: settings applied over ``config`` (``method``, ``k``, ``d``, ``skip``, ...).
+
+    Returns:
+        :class:`CompressResult` with the compressed model and the summary.
+
+    Example::
+
+        >>> import onnxruntime as ort, onnxvq
+        >>> result = onnxvq.compress("model.onnx", method="pq", k=256, d=8)  # doctest: +SKIP
+        >>> print(result.summary.format())  # doctest: +SKIP
+        >>> session = ort.InferenceSession(result.to_proto().SerializeToString())  # doctest: +SKIP
+    """
+    config = _make_config(config, settings)
+    model = _as_ir_model(model)
+    _check_compressible(model)
+    original_ir_version = model.ir_version
+    total_float_params = _float_params(model)
+
+    layers, left_alone = find_layers(model)
+    plans = resolve_layers(config, [(l.name, l.op_type, l.size) for l in layers])
+    plan_of = dict(zip(layers, plans))
+
+    reports: list[LayerReport] = []
+    replacements: list[tuple[Layer, PackedWeight]] = []
+    groups = group_by_weight(layers)
+    bar = tqdm(total=len(groups), desc="encoding", unit="weight", disable=not progress, leave=False)
+    for weight, group in groups.items():
+        plan = _group_plan(group, plan_of)
+        first = group[0]
+        bar.set_postfix_str(first.name, refresh=False)
+        packed, rule = None, plan.rule
+        if plan.compressed:
+            too_big = _no_smaller_reason(first, plan)
+            if too_big:
+                rule = too_big
+            else:
+                packed, sqnr = _encode(first, plan, config.seed)
+        for i, layer in enumerate(group):
+            report = LayerReport(
+                name=layer.name,
+                op_type=layer.op_type,
+                weight=weight.name,
+                shape=layer.weight_shape,
+                params=layer.size,
+                bytes_before=layer.nbytes,
+                compressed=packed is not None,
+                rule=rule,
+                shared_with=first.name if i else None,
+            )
+            if packed is not None:
+                report.method, report.k, report.d = packed.method, packed.k, packed.d
+                report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
+                report.sqnr_db = sqnr
+                replacements.append((layer, packed))
+            reports.append(report)
+        bar.update()
+    bar.close()
+
+    ReplaceWithVQOpsPass(replacements)(model)
+    AttachVQFunctionsPass()(model)
+    if replacements:
+        model.metadata_props[PROVENANCE_KEY] = json.dumps(
+            _provenance(config, reports, original_ir_version), sort_keys=True
+        )
+
+    summary = Summary(
+        layers=reports,
+        left_alone=[dataclasses.asdict(l) for l in left_alone],
+        total_float_params=total_float_params,
+        literature_bytes=_literature_bytes(total_float_params, replacements),
+    )
+    return CompressResult(model, summary)
+
+
+def decompress(model: ModelLike) -> ir.Model:
+    """The dense equivalent of a compressed model, in standard ops only.
+
+    Every ``ai.onnxvq`` node becomes its original op with the decoded weight; the provenance
+    record is removed and the IR version it recorded is restored.
+    """
+    model = _as_ir_model(model)
+    if not any(n.domain == ops.DOMAIN for n in iter_nodes(model)):
+        raise OnnxVQError("the model has no ai.onnxvq nodes: it is not compressed by onnxvq")
+    DecompressVQOpsPass()(model)
+    provenance = model.metadata_props.pop(PROVENANCE_KEY, None)
+    if provenance:
+        try:
+            model.ir_version = int(json.loads(provenance)["original_ir_version"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return model
+
+
+def _make_config(config, settings: Mapping[str, Any]) -> CompressConfig:
+    if config is None:
+        base = CompressConfig()
+    elif isinstance(config, CompressConfig):
+        base = config
+    elif isinstance(config, Mapping):
+        base = CompressConfig.from_dict(config)
+    else:
+        base = CompressConfig.from_file(config)
+    base.validate()
+    return base.merged(**settings) if settings else base
+
+
+def _as_ir_model(model: ModelLike) -> ir.Model:
+    """An ``ir.Model`` the caller does not share (so in-place passes never touch their object)."""
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)  # a new object graph; the proto is only read
+    if isinstance(model, ir.Model):
+        return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    raise OnnxVQError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def _check_compressible(model: ir.Model) -> None:
+    if any(n.domain == ops.DOMAIN for n in iter_nodes(model)) or any(
+        key[0] == ops.DOMAIN for key in model.functions
+    ):
+        raise OnnxVQError(
+            "the model is already compressed by onnxvq (it has ai.onnxvq nodes); "
+            "compress the original, or run `onnxvq decompress` first"
+        )
+    opset = model.opset_imports.get("")
+    if opset is None or opset < ops.MIN_OPSET:
+        raise OnnxVQError(
+            f"the model's opset {opset} is older than {ops.MIN_OPSET}; "
+            "upgrade it with onnx.version_converter first"
+        )
+
+
+def _group_plan(group: list[Layer], plan_of: dict[Layer, LayerPlan]) -> LayerPlan:
+    plans = [plan_of[l] for l in group]
+    for layer, plan in zip(group[1:], plans[1:]):
+        if plan.settings() != plans[0].settings():
+            raise OnnxVQError(
+                f"layers {group[0].name!r} and {layer.name!r} share weight {group[0].weight.name!r} "
+                "but resolve to different settings; give them the same settings (or skip both)"
+            )
+    return plans[0]
+
+
+def _no_smaller_reason(layer: Layer, plan: LayerPlan) -> str | None:
+    """Why encoding this layer is pointless (its stored form would not be smaller), if it is."""
+    transposed, row_axes = layer.view()
+    lay = WeightLayout(layer.weight_shape, transposed, row_axes, plan.params.d)
+    k = min(plan.params.k, lay.rows * lay.n_sub)
+    stored = packed_nbytes(lay.rows, lay.n_sub, code_bits_for_k(k))
+    stored += k * plan.params.d * np.dtype(CODEBOOK_DTYPES[plan.codebook_dtype]).itemsize
+    if stored >= layer.nbytes:
+        return f"encoded ({stored} B) would not be smaller than dense ({layer.nbytes} B)"
+    return None
+
+
+def _encode(layer: Layer, plan: LayerPlan, seed: int) -> tuple[PackedWeight, float]:
+    weight = layer.weight_array()
+    if not np.isfinite(weight).all():
+        raise OnnxVQError(
+            f"weight {layer.weight.name!r} of layer {layer.name!r} contains NaN or Inf; "
+            "fix the model before compressing"
+        )
+    weight32 = weight.astype(np.float32)
+    transposed, row_axes = layer.view()
+    # One seed per weight, independent of layer order, so that a config change on one layer
+    # does not reshuffle every other layer.
+    weight_seed = np.random.SeedSequence(seed, spawn_key=(zlib.crc32(layer.weight.name.encode()),))
+    encoded = get_method(plan.method).encode(
+        weight32, transposed=transposed, row_axes=row_axes, params=plan.params, seed=weight_seed
+    )
+    packed = pack(
+        encoded,
+        weight_shape=layer.weight_shape,
+        weight_dtype=int(layer.weight_dtype),
+        codebook_dtype=plan.codebook_dtype,
+    )
+    return packed, sqnr_db(weight32, packed.decode(transposed=transposed).astype(np.float32))
+
+
+def _float_params(model: ir.Model) -> int:
+    total = 0
+    seen = set()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is not None and tensor.dtype.is_floating_point():
+                total += math.prod(tensor.shape)
+                seen.add(id(value))
+        for node in graph:
+            if node.op_type == "Constant" and "value" in node.attributes:
+                tensor = node.attributes["value"].as_tensor()
+                if tensor.dtype.is_floating_point():
+                    total += math.prod(tensor.shape)
+    return total
+
+
+def _literature_bytes(total_float_params: int, replacements: list[tuple[Layer, PackedWeight]]) -> float:
+    unique = {id(p): (layer, p) for layer, p in replacements}.values()
+    compressed_params = sum(layer.size for layer, _ in unique)
+    coded = sum(p.code_nbits / 8 + p.codebook.size * 2 for _, p in unique)
+    return coded + 4.0 * (total_float_params - compressed_params)
+
+
+def _provenance(config: CompressConfig, reports: list[LayerReport], ir_version: int) -> dict:
+    from onnxvq import __version__
+
+    return {
+        "onnxvq_version": __version__,
+        "original_ir_version": ir_version,
+        "config": config.to_dict(),
+        "layers": {
+            r.name: {"method": r.method, "k": r.k, "d": r.d, "rule": r.rule}
+            for r in reports
+            if r.compressed
+        },
+    }

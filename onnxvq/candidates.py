@@ -1,0 +1,226 @@
+"""Which nodes of a model can be compressed, and why the others are left alone.
+
+A *layer* is a Conv, Gemm or MatMul node (in the main graph or any If/Loop/Scan body) whose
+weight is a constant: an initializer that is not also a graph input, or the output of a
+``Constant`` node (older exporters store weights that way). The weight is Conv's W, Gemm's B, or
+either MatMul operand when the other is not constant. Layers that share one weight are encoded
+once (see :func:`group_by_weight`).
+
+Layer names are what configs and ``--skip`` refer to: the node's name, or, for unnamed or
+duplicate node names, ``<op_type>:<weight name>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxvq import ops
+
+__all__ = ["Layer", "LeftAlone", "find_layers", "group_by_weight", "iter_nodes"]
+
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+@dataclasses.dataclass(eq=False)
+class Layer:
+    """A compressible node and its constant weight."""
+
+    name: str
+    node: ir.Node
+    weight: ir.Value
+    weight_index: int  # which input of the node is the weight
+    tensor: ir.TensorProtocol
+
+    @property
+    def op_type(self) -> str:
+        return self.node.op_type
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.tensor.shape)
+
+    @property
+    def weight_dtype(self) -> ir.DataType:
+        return self.tensor.dtype
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.weight_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.size * self.tensor.dtype.itemsize)
+
+    @property
+    def weight_left(self) -> bool:
+        return self.op_type == "MatMul" and self.weight_index == 0
+
+    @property
+    def consumer_attributes(self) -> dict[str, ir.Attr]:
+        """The attributes the VQ op carries over: the node's own, or MatMul's ``weight_left``."""
+        if self.op_type == "MatMul":
+            return {"weight_left": ir.AttrInt64("weight_left", int(self.weight_left))}
+        return dict(self.node.attributes)
+
+    def view(self) -> tuple[bool, int]:
+        """(transposed, row_axes) of :mod:`onnxvq.layout` for this consumer."""
+        attrs = {name: attr.value for name, attr in self.consumer_attributes.items()}
+        return ops.op_for_consumer(self.op_type).weight_view(self.weight_shape, attrs)
+
+    def weight_array(self) -> np.ndarray:
+        return self.tensor.numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftAlone:
+    """A Conv/Gemm/MatMul node that is not a candidate, and why."""
+
+    name: str
+    op_type: str
+    reason: str
+
+
+def iter_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node of the main graph and of its subgraphs, recursively, in graph order."""
+    yield from ir.traversal.RecursiveGraphIterator(model.graph)
+
+
+def find_layers(model: ir.Model) -> tuple[list[Layer], list[LeftAlone]]:
+    """The model's compressible layers and the Conv/Gemm/MatMul nodes left alone (with reasons)."""
+    consumers = set(ops.consumers())
+    nodes = [n for n in iter_nodes(model) if n.domain == "" and n.op_type in consumers]
+    found = {node: _find_weight(node) for node in nodes}
+    names = _layer_names({n: (f[0] if not isinstance(f, str) else 1) for n, f in found.items()})
+
+    layers: list[Layer] = []
+    left_alone: list[LeftAlone] = []
+    for node, weight in found.items():
+        if isinstance(weight, str):
+            left_alone.append(LeftAlone(names[node], node.op_type, weight))
+            continue
+        index, tensor = weight
+        layers.append(Layer(names[node], node, node.inputs[index], index, tensor))
+
+    for function in model.functions.values():
+        for node in function:
+            if node.domain == "" and node.op_type in consumers:
+                left_alone.append(
+                    LeftAlone(
+                        node.name or node.op_type,
+                        node.op_type,
+                        f"inside model-local function {function.name!r} (functions are not rewritten)",
+                    )
+                )
+
+    kept, shared_reasons = _check_shared_weights(layers)
+    left_alone.extend(LeftAlone(l.name, l.op_type, shared_reasons[l]) for l in layers if l in shared_reasons)
+    return kept, left_alone
+
+
+def group_by_weight(layers: list[Layer]) -> dict[ir.Value, list[Layer]]:
+    """Layers keyed by their weight value, in first-use order."""
+    groups: dict[ir.Value, list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(layer.weight, []).append(layer)
+    return groups
+
+
+def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol] | str:
+    """(input index, tensor) of the node's constant weight, or why there is none."""
+    inputs = list(node.inputs)
+    if node.op_type in ("Conv", "Gemm"):
+        slots = [1]
+    else:  # MatMul: either side, when only that side is constant
+        slots = [1, 0]
+    constants = {i: _constant_tensor(inputs[i]) for i in range(min(2, len(inputs)))}
+    if node.op_type == "MatMul" and all(constants.get(i) is not None for i in (0, 1)):
+        return "both MatMul inputs are constant (fold it instead)"
+    if node.op_type == "Gemm" and constants.get(1) is None and constants.get(0) is not None:
+        return "the constant is Gemm's A input, not B"
+    for slot in slots:
+        tensor = constants.get(slot)
+        if tensor is None:
+            continue
+        if slot < len(inputs) and inputs[slot] is not None and inputs[slot].is_graph_output():
+            return "the weight is also a graph output"
+        if tensor.dtype not in _FLOAT_TYPES:
+            return f"weight dtype {tensor.dtype.name} is not floating point (already quantized?)"
+        if len(tensor.shape) < 2:
+            return f"weight of rank {len(tensor.shape)} (a vector has no output channels)"
+        if math.prod(tensor.shape) == 0:
+            return "empty weight"
+        return slot, tensor
+    value = inputs[slots[0]] if len(inputs) > slots[0] else None
+    if value is not None and value.is_graph_input() and value.is_initializer():
+        return "the weight initializer is also a graph input (it can be overridden at run time)"
+    return "the weight is not a constant (computed at run time)"
+
+
+def _constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    if value is None:
+        return None
+    if value.is_initializer():
+        if value.is_graph_input():
+            return None
+        return value.const_value
+    producer = value.producer()
+    if (
+        producer is not None
+        and producer.op_type == "Constant"
+        and producer.domain == ""
+        and "value" in producer.attributes
+    ):
+        return producer.attributes["value"].as_tensor()
+    return None
+
+
+def _check_shared_weights(layers: list[Layer]) -> tuple[list[Layer], dict[Layer, str]]:
+    """Drop weight groups that cannot be encoded once for all their users."""
+    reasons: dict[Layer, str] = {}
+    layer_nodes = {id(l.node) for l in layers}
+    for weight, group in group_by_weight(layers).items():
+        others = [
+            node for node, _ in weight.uses() if id(node) not in layer_nodes
+        ]
+        if others:
+            other = others[0]
+            why = f"its weight {weight.name!r} is also read by {other.op_type} node {other.name!r}"
+        elif len({l.view() for l in group}) > 1:
+            names = ", ".join(repr(l.name) for l in group)
+            why = f"layers {names} read the shared weight {weight.name!r} in different layouts"
+        else:
+            continue
+        for layer in group:
+            reasons[layer] = why
+    return [l for l in layers if l not in reasons], reasons
+
+
+def _layer_names(weight_slots: dict[ir.Node, int]) -> dict[ir.Node, str]:
+    """Node name, or ``<op_type>:<weight name>`` when unnamed or not unique; ``#n`` if still taken."""
+    nodes = list(weight_slots)
+    counts: dict[str, int] = {}
+    for node in nodes:
+        if node.name:
+            counts[node.name] = counts.get(node.name, 0) + 1
+    names: dict[ir.Node, str] = {}
+    taken: set[str] = set()
+    for node in nodes:
+        if node.name and counts[node.name] == 1:
+            name = node.name
+        else:
+            slot = weight_slots[node]
+            value = node.inputs[slot] if slot < len(node.inputs) else None
+            name = f"{node.op_type}:{value.name if value is not None else '?'}"
+        base, i = name, 1
+        while name in taken:
+            i += 1
+            name = f"{base}#{i}"
+        taken.add(name)
+        names[node] = name
+    return names
+

@@ -1,0 +1,160 @@
+"""The ``onnxvq`` command line: ``compress``, ``decompress``, ``inspect``.
+
+Every user-fixable problem prints ``error: <one line>`` on stderr and exits with status 1, with
+no traceback and no output file left behind. Set ``ONNXVQ_DEBUG=1`` to get tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+
+import click
+
+from onnxvq.errors import OnnxVQError
+
+__all__ = ["main"]
+
+
+def _user_errors(command):
+    """Turn OnnxVQError (and unexpected errors) into one line and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OnnxVQError as e:
+            if os.environ.get("ONNXVQ_DEBUG"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as e:  # a bug in onnxvq: still one line unless debugging
+            if os.environ.get("ONNXVQ_DEBUG"):
+                raise
+            click.echo(
+                f"error: internal error ({type(e).__name__}: {e}); "
+                "rerun with ONNXVQ_DEBUG=1 for a traceback and report it",
+                err=True,
+            )
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxvq")
+def main() -> None:
+    """Vector-quantize the weights of ONNX models (see `onnxvq COMMAND --help`)."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the compressed model.")
+@click.option("--method", default=None, help="Method for all layers: pq. [default: pq]")
+@click.option("-k", "k", type=int, default=None, help="Codewords per codebook (2..65536). [default: 256]")
+@click.option("-d", "d", type=int, default=None, help="Subvector length. [default: 8]")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="JSON or YAML config (per-layer overrides).")
+@click.option("--skip", multiple=True, metavar="NAME_OR_re:PATTERN", help="Leave a layer dense (repeatable).")
+@click.option("--min-size", type=int, default=None, help="Leave layers with fewer weights dense. [default: 1024]")
+@click.option("--seed", type=int, default=None, help="Seed of all random choices. [default: 0]")
+@click.option("--codebook-dtype", type=click.Choice(["float16", "float32"]), default=None, help="Codebook storage. [default: float16]")
+@click.option("--report", "report_path", type=click.Path(), default=None, help="Write the summary as JSON here.")
+@click.option("--external-data/--single-file", default=None, help="Force tensors into OUTPUT.data, or into one file. [default: external only over 2 GiB]")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
+@_user_errors
+def compress(model, output, method, k, d, config_path, skip, min_size, seed, codebook_dtype,
+             report_path, external_data, quiet):
+    """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops."""
+    from onnxvq.api import compress as compress_model
+    from onnxvq.config import CompressConfig
+    from onnxvq.model_io import check_output_path, load_model
+
+    check_output_path(output, [model])
+    if report_path:
+        check_output_path(report_path, [model, output])
+    config = CompressConfig.from_file(config_path) if config_path else CompressConfig()
+    config = config.merged(
+        method=method, k=k, d=d, skip=list(skip) or None, min_size=min_size, seed=seed,
+        codebook_dtype=codebook_dtype,
+    )
+    ir_model = load_model(model)
+    result = compress_model(ir_model, config, progress=not quiet)
+    written = result.save(output, external_data=external_data)
+    result.summary.input_file_bytes = _model_file_bytes(model)
+    result.summary.output_file_bytes = sum(os.path.getsize(p) for p in written)
+    if report_path:
+        _write_text_atomically(report_path, json.dumps(result.summary.to_dict(), indent=2))
+    if not quiet:
+        click.echo(result.summary.format())
+    click.echo(f"wrote {', '.join(written)}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the dense model.")
+@click.option("--external-data/--single-file", default=None, help="Force tensors into OUTPUT.data, or into one file. [default: external only over 2 GiB]")
+@_user_errors
+def decompress(model, output, external_data):
+    """Write the dense equivalent of a compressed MODEL (standard ops only)."""
+    from onnxvq.api import decompress as decompress_model
+    from onnxvq.model_io import check_output_path, load_model, save_model
+
+    check_output_path(output, [model])
+    dense = decompress_model(load_model(model))
+    written = save_model(dense, output, external_data=external_data)
+    click.echo(f"wrote {', '.join(written)}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_user_errors
+def inspect(model, as_json):
+    """List MODEL's candidate layers (names usable in configs) and its VQ layers."""
+    from onnxvq.inspect_model import format_inspection, inspect_model
+    from onnxvq.model_io import load_model
+
+    info = inspect_model(load_model(model))
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+def _model_file_bytes(path: str) -> int:
+    """Size of a model file plus the external data files it references."""
+    from onnxvq.model_io import load_model
+
+    total = os.path.getsize(path)
+    model = load_model(path)
+    seen = set()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            location = getattr(tensor, "path", None)
+            if location and location not in seen and os.path.exists(location):
+                seen.add(location)
+                total += os.path.getsize(location)
+    return total
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".onnxvq-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Compression configs and their per-layer resolution.
+
+A config gives global settings and per-layer overrides. For each candidate layer (see
+``onnxvq inspect``), the settings are resolved by the first rule that applies:
+
+1. ``skip`` list (CLI ``--skip``): an exact layer name or a ``re:`` pattern -> left dense;
+2. ``layers`` key equal to the layer's exact name;
+3. the first ``layers`` key ``re:PATTERN`` (in file order) whose pattern ``re.fullmatch``-es the
+   name;
+4. ``layers`` key equal to the layer's op type (``Conv``, ``Gemm``, ``MatMul``);
+5. the size threshold: a layer with fewer than ``min_size`` weights is left dense;
+6. the global settings.
+
+An override (rules 2-4) is a mapping of any of ``method``, ``skip`` (true leaves the layer
+dense), ``codebook_dtype`` and the method's parameters (``k``, ``d``, ...); keys it omits come
+from the global settings. A rule that matches a layer wins outright, so an explicit override
+also compresses a layer below ``min_size``. Every ``skip`` entry and ``layers`` key must match
+at least one layer, and unknown keys are rejected.
+
+Example (YAML; JSON with the same structure works too)::
+
+    method: pq
+    k: 256
+    d: 8
+    min_size: 4096
+    skip: ["re:.*classifier.*"]
+    layers:
+      conv1: {skip: true}
+      "re:layer4\\..*": {d: 4}
+      Conv: {k: 128}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from onnxvq.errors import OnnxVQError
+from onnxvq.methods import METHODS, MethodParams, get_method
+from onnxvq.packing import CODEBOOK_DTYPES
+
+__all__ = ["CompressConfig", "LayerPlan", "resolve_layers"]
+
+_OVERRIDE_COMMON_KEYS = ("method", "skip", "codebook_dtype")
+
+
+@dataclasses.dataclass
+class CompressConfig:
+    """What to compress and how.
+
+    Attributes:
+        method: registry name of the default method (``pq``).
+        k: codewords per codebook (2..65536).
+        d: subvector length.
+        options: further parameters of the default method (e.g. ``{"max_iter": 30}``).
+        codebook_dtype: ``float16`` (default) or ``float32``.
+        min_size: layers with fewer weights stay dense unless an override names them.
+        seed: seed of all random choices; the same seed gives the same model.
+        skip: layer names or ``re:`` patterns left dense whatever else says.
+        layers: per-layer overrides keyed by exact name, ``re:`` pattern or op type.
+
+    Example::
+
+        >>> cfg = CompressConfig(method="pq", k=256, d=4, layers={"re:.*fc.*": {"d": 8}})
+        >>> cfg.k, cfg.layers
+        (256, {'re:.*fc.*': {'d': 8}})
+    """
+
+    method: str = "pq"
+    k: int = 256
+    d: int = 8
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    codebook_dtype: str = "float16"
+    min_size: int = 1024
+    seed: int = 0
+    skip: list[str] = dataclasses.field(default_factory=list)
+    layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CompressConfig":
+        """Build from a flat mapping: the fields above, plus method parameters at top level.
+
+        Unknown keys are rejected, naming the valid ones.
+        """
+        if not isinstance(data, Mapping):
+            raise OnnxVQError(f"a config must be a mapping of settings, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        known = dict(data)
+        options = dict(known.pop("options", None) or {})
+        kwargs = {key: known.pop(key) for key in list(known) if key in fields}
+        method = kwargs.get("method", cls.method)
+        if method in METHODS:
+            unknown = sorted(set(known) - set(METHODS[method].Params.field_names()))
+            if unknown:
+                valid = sorted(fields | set(METHODS[method].Params.field_names()))
+                raise OnnxVQError(
+                    f"unknown config key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}"
+                )
+        options.update(known)  # method parameters beyond k and d
+        config = cls(**kwargs, options=options)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "CompressConfig":
+        """Read a ``.json``, ``.yaml`` or ``.yml`` config file."""
+        return cls.from_dict(read_config_file(path))
+
+    def merged(self, **overrides: Any) -> "CompressConfig":
+        """A copy with the given non-None settings replaced (how CLI flags apply over a file)."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key == "skip":
+                data["skip"] = list(data.get("skip", [])) + list(value)
+            else:
+                data[key] = value
+        return CompressConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        options = data.pop("options")
+        data.update(options)
+        return data
+
+    def params_for(self, override: Mapping[str, Any] | None = None) -> tuple[str, MethodParams]:
+        """(method name, validated params) for the global settings overlaid with ``override``."""
+        override = dict(override or {})
+        method_name = override.pop("method", self.method)
+        method = get_method(method_name)
+        names = method.Params.field_names()
+        values = {"k": self.k, "d": self.d}
+        if method_name == self.method:
+            values.update(self.options)
+        else:  # options belong to the default method; carry over only what the other one has
+            values.update({k: v for k, v in self.options.items() if k in names})
+        for key in _OVERRIDE_COMMON_KEYS:
+            override.pop(key, None)
+        values.update(override)
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise OnnxVQError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))} for method {method_name!r}; "
+                f"valid: {', '.join(names)}"
+            )
+        try:
+            return method_name, method.Params(**values)
+        except ValueError as e:
+            raise OnnxVQError(str(e)) from None
+
+    def validate(self) -> None:
+        """Check every setting that can be checked without a model; raise ``OnnxVQError``."""
+        if self.method not in METHODS:
+            get_method(self.method)  # raises the standard unknown-method error
+        self.params_for()
+        _check_codebook_dtype(self.codebook_dtype)
+        for name in ("min_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise OnnxVQError(f"{name} must be a non-negative integer (got {value!r})")
+        if isinstance(self.skip, str) or not isinstance(self.skip, Sequence):
+            raise OnnxVQError("skip must be a list of layer names or re: patterns")
+        for entry in self.skip:
+            _compile_key(entry)
+        if not isinstance(self.layers, Mapping):
+            raise OnnxVQError("layers must be a mapping of layer keys to settings")
+        for key, override in self.layers.items():
+            _compile_key(key)
+            if not isinstance(override, Mapping):
+                raise OnnxVQError(f"layers[{key!r}] must be a mapping of settings")
+            if "skip" in override and not isinstance(override["skip"], bool):
+                raise OnnxVQError(f"layers[{key!r}].skip must be true or false")
+            if "codebook_dtype" in override:
+                _check_codebook_dtype(override["codebook_dtype"])
+            try:
+                self.params_for(override)
+            except OnnxVQError as e:
+                raise OnnxVQError(f"layers[{key!r}]: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """The resolved settings of one layer; ``method`` is None when it stays dense."""
+
+    name: str
+    method: str | None
+    params: MethodParams | None
+    codebook_dtype: str
+    rule: str  # which rule decided, e.g. "layers['re:fc.*']" or "min_size"
+
+    @property
+    def compressed(self) -> bool:
+        return self.method is not None
+
+    def settings(self) -> tuple:
+        """What must agree between layers that share one weight."""
+        return (self.method, self.params, self.codebook_dtype)
+
+
+def resolve_layers(config: CompressConfig, layers: Sequence[tuple[str, str, int]]) -> list[LayerPlan]:
+    """Resolve each ``(name, op_type, n_weights)`` to a :class:`LayerPlan` (rules in module doc).
+
+    Raises ``OnnxVQError`` when a ``skip`` entry or ``layers`` key matches no layer.
+    """
+    names = {name for name, _, _ in layers}
+    op_types = {op for _, op, _ in layers}
+    used: set[str] = set()
+    skip_patterns = [(entry, _compile_key(entry)) for entry in config.skip]
+    regex_keys = [(key, _compile_key(key)) for key in config.layers if key.startswith("re:")]
+
+    plans = []
+    for name, op_type, size in layers:
+        plan = None
+        for entry, pattern in skip_patterns:
+            if _matches(entry, pattern, name):
+                used.add(f"skip:{entry}")
+                plan = LayerPlan(name, None, None, config.codebook_dtype, f"skip {entry!r}")
+                break
+        if plan is None:
+            key = None
+            if name in config.layers:
+                key = name
+            else:
+                key = next((k for k, p in regex_keys if p.fullmatch(name)), None)
+                if key is None and op_type in config.layers and op_type not in names:
+                    key = op_type
+            if key is not None:
+                used.add(key)
+                plan = _plan_from_override(config, name, key)
+            elif size < config.min_size:
+                plan = LayerPlan(
+                    name, None, None, config.codebook_dtype, f"min_size {config.min_size}"
+                )
+            else:
+                method, params = config.params_for()
+                plan = LayerPlan(name, method, params, config.codebook_dtype, "default")
+        plans.append(plan)
+
+    for entry in config.skip:
+        if f"skip:{entry}" not in used:
+            raise OnnxVQError(
+                f"skip entry {entry!r} matches no layer; run `onnxvq inspect MODEL` to list layer names"
+            )
+    for key in config.layers:
+        if key not in used:
+            what = "op type" if key in op_types else "layer"
+            raise OnnxVQError(
+                f"config key {key!r} matches no {what}; run `onnxvq inspect MODEL` to list layer names"
+            )
+    return plans
+
+
+def _plan_from_override(config: CompressConfig, name: str, key: str) -> LayerPlan:
+    override = config.layers[key]
+    rule = f"layers[{key!r}]"
+    codebook_dtype = override.get("codebook_dtype", config.codebook_dtype)
+    if override.get("skip", False):
+        return LayerPlan(name, None, None, codebook_dtype, rule)
+    method, params = config.params_for(override)
+    return LayerPlan(name, method, params, codebook_dtype, rule)
+
+
+def _compile_key(key: Any) -> re.Pattern | None:
+    if not isinstance(key, str) or not key:
+        raise OnnxVQError(f"layer keys must be non-empty strings, got {key!r}")
+    if not key.startswith("re:"):
+        return None
+    try:
+        return re.compile(key[3:])
+    except re.error as e:
+        raise OnnxVQError(f"invalid regular expression in {key!r}: {e}") from None
+
+
+def _matches(entry: str, pattern: re.Pattern | None, name: str) -> bool:
+    return pattern.fullmatch(name) is not None if pattern is not None else entry == name
+
+
+def _check_codebook_dtype(value: Any) -> None:
+    if value not in CODEBOOK_DTYPES:
+        raise OnnxVQError(
+            f"codebook_dtype must be one of {', '.join(CODEBOOK_DTYPES)} (got {value!r})"
+        )
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Parse a JSON or YAML config file into a mapping, with one-line errors."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise OnnxVQError(f"cannot read config {path!r}: {e.strerror}") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise OnnxVQError(f"config {path!r} is not valid JSON/YAML: {first_line}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise OnnxVQError(f"config {path!r} must hold a mapping of settings at top level")
+    return data

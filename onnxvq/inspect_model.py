@@ -1,0 +1,117 @@
+"""``onnxvq inspect``: what a model holds, as far as onnxvq is concerned.
+
+On any model: the candidate layers (the names configs use, op, weight name, shape, params, bytes)
+and the Conv/Gemm/MatMul nodes left alone with the reason. On a compressed model, also each VQ
+layer with its method, k, d, code bits, bits per weight (codes and codebook together) and bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import onnx_ir as ir
+
+from onnxvq import ops
+from onnxvq.api import PROVENANCE_KEY
+from onnxvq.candidates import find_layers, iter_nodes
+from onnxvq.summary import format_bytes, format_table
+
+__all__ = ["VQLayerInfo", "inspect_model", "format_inspection"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VQLayerInfo:
+    name: str
+    op_type: str
+    method: str
+    k: int
+    d: int
+    code_bits: int
+    weight_shape: tuple[int, ...]
+    params: int
+    bytes: int  # codes + codebook (a shared pair counted for each layer using it)
+    bits_per_weight: float
+
+
+def inspect_model(model: ir.Model) -> dict:
+    """Candidate layers, nodes left alone and VQ layers of ``model`` as plain data."""
+    layers, left_alone = find_layers(model)
+    candidates = [
+        {
+            "name": l.name,
+            "op_type": l.op_type,
+            "weight": l.weight.name,
+            "shape": list(l.weight_shape),
+            "dtype": l.weight_dtype.name,
+            "params": l.size,
+            "bytes": l.nbytes,
+            "constant_node": not l.weight.is_initializer(),
+            "in_subgraph": l.node.graph is not model.graph,
+        }
+        for l in layers
+    ]
+    vq_layers = [dataclasses.asdict(info) for info in _vq_layers(model)]
+    provenance = model.metadata_props.get(PROVENANCE_KEY)
+    return {
+        "candidates": candidates,
+        "left_alone": [dataclasses.asdict(l) for l in left_alone],
+        "vq_layers": vq_layers,
+        "provenance": json.loads(provenance) if provenance else None,
+    }
+
+
+def format_inspection(info: dict) -> str:
+    lines: list[str] = []
+    if info["vq_layers"]:
+        rows = [
+            (v["name"], v["op_type"], v["method"], str(v["k"]), str(v["d"]), str(v["code_bits"]),
+             "x".join(map(str, v["weight_shape"])), f"{v['params']:,}", f"{v['bits_per_weight']:.3f}",
+             format_bytes(v["bytes"]))
+            for v in info["vq_layers"]
+        ]
+        lines.append(f"VQ layers ({len(rows)}):")
+        lines += format_table(("layer", "op", "method", "k", "d", "code bits", "shape", "params", "bits/weight", "bytes"), rows)
+        lines.append("")
+    rows = [
+        (c["name"], c["op_type"], c["weight"], "x".join(map(str, c["shape"])), c["dtype"],
+         f"{c['params']:,}", format_bytes(c["bytes"]),
+         ", ".join(t for t, on in (("Constant node", c["constant_node"]), ("subgraph", c["in_subgraph"])) if on))
+        for c in info["candidates"]
+    ]
+    lines.append(f"candidate layers ({len(rows)}):")
+    if rows:
+        lines += format_table(("layer", "op", "weight", "shape", "dtype", "params", "bytes", "note"), rows)
+    if info["left_alone"]:
+        lines.append("")
+        lines.append(f"left alone ({len(info['left_alone'])}):")
+        lines += format_table(("layer", "op", "reason"), [(l["name"], l["op_type"], l["reason"]) for l in info["left_alone"]])
+    return "\n".join(lines)
+
+
+def _vq_layers(model: ir.Model) -> list[VQLayerInfo]:
+    out = []
+    for node in iter_nodes(model):
+        if node.domain != ops.DOMAIN:
+            continue
+        attributes = node.attributes
+        codes, codebook = node.inputs[1].const_value, node.inputs[2].const_value
+        shape = tuple(int(s) for s in attributes["weight_shape"].value.numpy())
+        params = math.prod(shape)
+        nbytes = int(codes.nbytes + codebook.nbytes)
+        out.append(
+            VQLayerInfo(
+                name=node.name or node.op_type,
+                op_type=node.op_type,
+                method=attributes["method"].value if "method" in attributes else "?",
+                k=int(codebook.shape[0]),
+                d=int(codebook.shape[1]),
+                code_bits=int(attributes["code_bits"].value),
+                weight_shape=shape,
+                params=params,
+                bytes=nbytes,
+                bits_per_weight=8.0 * nbytes / params,
+            )
+        )
+    return out

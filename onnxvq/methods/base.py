@@ -1,0 +1,93 @@
+"""The contract between methods and the rest of onnxvq.
+
+A method turns one weight into an :class:`Encoded` value (numpy only): integer codes, a float32
+codebook, and per method extra tensors and attributes. It sees the weight through the single
+layout of :mod:`onnxvq.layout` (given as ``transposed`` and ``row_axes``), never through graph
+details, so no pass, CLI or config code branches on method names: they only look methods up in
+the registry (:mod:`onnxvq.methods`) by their CLI name.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from onnxvq.ops.codes import MAX_K
+
+__all__ = ["Encoded", "Method", "MethodParams"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodParams:
+    """Parameters every method has; each method subclasses this with its own.
+
+    Attributes:
+        k: codewords per codebook, 2..65536 (capped per layer by its number of subvectors).
+        d: subvector length; about ``log2(k) / d`` bits per weight.
+    """
+
+    k: int = 256
+    d: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("k", "d"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.k < 2:
+            raise ValueError(f"k must be at least 2 (got {self.k})")
+        if self.k > MAX_K:
+            raise ValueError(f"k must be at most {MAX_K} (got {self.k})")
+        if self.d < 1:
+            raise ValueError(f"d must be at least 1 (got {self.d})")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One weight, encoded.
+
+    Attributes:
+        method: registry name of the method that produced it.
+        codes: (rows, n_sub) integer indices into ``codebook``.
+        codebook: (k, d) float32.
+        stats: numbers worth reporting (iterations, inertia, ...), JSON-serialisable.
+    """
+
+    method: str
+    codes: np.ndarray
+    codebook: np.ndarray
+    stats: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.codebook.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.codebook.shape[1])
+
+
+class Method(abc.ABC):
+    """A weight encoder. Subclasses set ``name`` (the CLI string) and ``Params``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    @abc.abstractmethod
+    def encode(
+        self,
+        weight: np.ndarray,
+        *,
+        transposed: bool,
+        row_axes: int,
+        params: MethodParams,
+        seed: np.random.SeedSequence,
+    ) -> Encoded:
+        """Encode ``weight`` (float32, any rank >= 2) seen through ``onnxvq.layout``."""

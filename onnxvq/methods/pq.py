@@ -1,0 +1,74 @@
+"""PQ: plain product quantization of a layer's subvectors.
+
+Each weight becomes ``W_sub ~= C[codes]``: the rows of subvectors of ``onnxvq.layout`` are
+clustered by k-means into a k x d codebook ``C``, each subvector storing the index of its nearest
+codeword (Stock et al. 2020, "And the bit goes down"; Martinez et al. 2021, PQF, use the same
+weight-space objective before fine-tuning). k is capped by the layer's number of subvectors.
+Padding entries of the last subvector of a row (d not dividing it) are ignored by k-means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from onnxvq.kmeans import kmeans
+from onnxvq.layout import WeightLayout
+from onnxvq.methods.base import Encoded, Method, MethodParams
+
+__all__ = ["PQ", "PQParams"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PQParams(MethodParams):
+    """Parameters of ``pq``.
+
+    Attributes:
+        k: codewords (default 256, one byte per code).
+        d: subvector length (default 8: about 1 bit per weight at k=256).
+        max_iter: Lloyd iterations at most (k-means stops earlier once the relative inertia
+            decrease falls below 1e-4).
+
+    Example::
+
+        >>> PQParams(k=256, d=4)
+        PQParams(k=256, d=4, max_iter=50)
+    """
+
+    max_iter: int = 50
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be a positive integer (got {self.max_iter!r})")
+
+
+class PQ(Method):
+    name = "pq"
+    Params = PQParams
+
+    def encode(self, weight, *, transposed, row_axes, params, seed) -> Encoded:
+        layout = WeightLayout(tuple(weight.shape), transposed, row_axes, params.d)
+        subvectors = layout.to_subvectors(weight)  # (rows, n_sub, d)
+        points = subvectors.reshape(-1, params.d)
+        partial = None
+        if layout.tail < params.d:
+            partial = np.zeros((layout.rows, layout.n_sub), bool)
+            partial[:, -1] = True
+            partial = partial.reshape(-1)
+        k = min(params.k, len(points))
+        result = kmeans(
+            points,
+            k,
+            seed=seed,
+            max_iter=params.max_iter,
+            partial=partial,
+            tail=layout.tail,
+        )
+        return Encoded(
+            method=self.name,
+            codes=result.codes.reshape(layout.rows, layout.n_sub),
+            codebook=result.codebook,
+            stats={"kmeans_iterations": result.iterations},
+        )

@@ -1,0 +1,90 @@
+"""From an :class:`~onnxvq.methods.Encoded` value to the tensors and attributes a VQ node stores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from onnxvq.methods.base import Encoded
+from onnxvq.ops import vq_weight
+from onnxvq.ops.codes import code_bits_for_k, pack_codes
+
+__all__ = ["CODEBOOK_DTYPES", "PackedWeight", "pack"]
+
+CODEBOOK_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """The stored form of one encoded weight (shared by every node that consumes it)."""
+
+    method: str
+    codes: np.ndarray
+    codebook: np.ndarray
+    code_bits: int
+    weight_shape: tuple[int, ...]
+    weight_dtype: int  # onnx TensorProto element type
+    stats: dict
+
+    @property
+    def k(self) -> int:
+        return int(self.codebook.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.codebook.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.nbytes + self.codebook.nbytes)
+
+    @property
+    def code_nbits(self) -> float:
+        """Bits of the codes at log2(k) each, unpadded: the literature's convention."""
+        n_codes = self.codes.shape[0] * (self.codes.shape[1] * (2 if self.code_bits == 4 else 1))
+        return float(n_codes * max(1.0, np.log2(self.k)))
+
+    def attributes(self) -> dict:
+        """The VQ attributes of ``onnxvq.ops.vq_weight`` (consumer attributes excluded)."""
+        return {
+            "weight_shape": np.asarray(self.weight_shape, np.int64),
+            "weight_dtype": int(self.weight_dtype),
+            "code_bits": int(self.code_bits),
+            "method": self.method,
+        }
+
+    def decode(self, *, transposed: bool) -> np.ndarray:
+        return vq_weight.decode_weight(
+            self.codes,
+            self.codebook,
+            weight_shape=self.weight_shape,
+            weight_dtype=self.weight_dtype,
+            code_bits=self.code_bits,
+            transposed=transposed,
+        )
+
+
+def pack(
+    encoded: Encoded, *, weight_shape, weight_dtype: int, codebook_dtype: str
+) -> PackedWeight:
+    """Pack codes to 4/8/16 bits and store the codebook at ``codebook_dtype``.
+
+    A float16 codebook whose values overflow float16 is kept in float32 (noted in ``stats``)
+    rather than turning weights into infinities.
+    """
+    code_bits = code_bits_for_k(encoded.k)
+    stats = dict(encoded.stats)
+    codebook = encoded.codebook.astype(CODEBOOK_DTYPES[codebook_dtype])
+    if not np.isfinite(codebook).all():
+        codebook = encoded.codebook.astype(np.float32)
+        stats["codebook_dtype_note"] = "float16 overflow, kept float32"
+    return PackedWeight(
+        method=encoded.method,
+        codes=pack_codes(encoded.codes, code_bits),
+        codebook=codebook,
+        code_bits=code_bits,
+        weight_shape=tuple(int(s) for s in weight_shape),
+        weight_dtype=int(weight_dtype),
+        stats=stats,
+    )

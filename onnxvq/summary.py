@@ -1,0 +1,179 @@
+"""What a compression did, per layer and in total.
+
+Per layer: parameters, bytes of the dense weight at its dtype, bytes stored after (codes +
+codebook), the ratio, and the weight SQNR ``10 log10(sum W^2 / sum (W - W_hat)^2)`` in dB.
+
+Compression ratios are reported two ways:
+
+* ``file_ratio``: input file size / output file size (set when the model went through files);
+* ``literature_ratio``: the convention of the VQ papers, every floating-point parameter of the
+  original model at fp32 (4 bytes) over: codes at ``log2(k)`` bits each (no byte padding) plus
+  codebooks at fp16 (2 bytes per entry) plus every parameter left uncompressed at fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+__all__ = ["LayerReport", "Summary", "format_bytes", "format_table", "sqnr_db"]
+
+
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when exact)."""
+    reference = reference.astype(np.float64)
+    noise = float(np.sum((reference - approximation.astype(np.float64)) ** 2))
+    signal = float(np.sum(reference**2))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@dataclasses.dataclass
+class LayerReport:
+    name: str
+    op_type: str
+    weight: str
+    shape: tuple[int, ...]
+    params: int
+    bytes_before: int
+    compressed: bool
+    rule: str  # the config rule that decided (or why it stayed dense)
+    method: str | None = None
+    k: int | None = None
+    d: int | None = None
+    code_bits: int | None = None
+    bytes_after: int | None = None
+    sqnr_db: float | None = None
+    shared_with: str | None = None  # another layer whose weight this one reuses
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.compressed or not self.bytes_after:
+            return None
+        return self.bytes_before / self.bytes_after
+
+
+@dataclasses.dataclass
+class Summary:
+    layers: list[LayerReport]
+    left_alone: list[dict]  # {"name", "op_type", "reason"} for nodes that are not candidates
+    total_float_params: int  # every floating-point parameter of the original model
+    literature_bytes: float  # the denominator of the literature convention (see module doc)
+    input_file_bytes: int | None = None
+    output_file_bytes: int | None = None
+
+    @property
+    def compressed_layers(self) -> list[LayerReport]:
+        return [l for l in self.layers if l.compressed and l.shared_with is None]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(l.bytes_before for l in self.compressed_layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(l.bytes_after or 0 for l in self.compressed_layers)
+
+    @property
+    def layer_ratio(self) -> float | None:
+        return self.bytes_before / self.bytes_after if self.bytes_after else None
+
+    @property
+    def literature_ratio(self) -> float | None:
+        if not self.literature_bytes:
+            return None
+        return 4.0 * self.total_float_params / self.literature_bytes
+
+    @property
+    def file_ratio(self) -> float | None:
+        if not self.input_file_bytes or not self.output_file_bytes:
+            return None
+        return self.input_file_bytes / self.output_file_bytes
+
+    def to_dict(self) -> dict:
+        layers = []
+        for layer in self.layers:
+            item = dataclasses.asdict(layer)
+            item["shape"] = list(layer.shape)
+            item["ratio"] = layer.ratio
+            if item["sqnr_db"] is not None and not math.isfinite(item["sqnr_db"]):
+                item["sqnr_db"] = str(item["sqnr_db"])
+            layers.append(item)
+        return {
+            "layers": layers,
+            "left_alone": self.left_alone,
+            "totals": {
+                "compressed_layers": len(self.compressed_layers),
+                "compressed_params": sum(l.params for l in self.compressed_layers),
+                "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after,
+                "layer_ratio": self.layer_ratio,
+                "literature_ratio": self.literature_ratio,
+                "input_file_bytes": self.input_file_bytes,
+                "output_file_bytes": self.output_file_bytes,
+                "file_ratio": self.file_ratio,
+            },
+        }
+
+    def format(self) -> str:
+        """A plain-text table for terminals."""
+        header = ("layer", "op", "params", "before", "after", "ratio", "SQNR dB", "k", "d", "note")
+        rows = []
+        for l in self.layers:
+            if l.compressed:
+                note = f"shares {l.shared_with}" if l.shared_with else l.method
+                rows.append((
+                    l.name, l.op_type, f"{l.params:,}", format_bytes(l.bytes_before),
+                    format_bytes(l.bytes_after) if not l.shared_with else "-",
+                    f"{l.ratio:.1f}x" if l.ratio and not l.shared_with else "-",
+                    f"{l.sqnr_db:.2f}" if l.sqnr_db is not None else "-",
+                    str(l.k), str(l.d), note,
+                ))
+            else:
+                rows.append((
+                    l.name, l.op_type, f"{l.params:,}", format_bytes(l.bytes_before), "dense", "-", "-",
+                    "-", "-", f"dense: {l.rule}",
+                ))
+        lines = format_table(header, rows)
+        lines.append("")
+        n = len(self.compressed_layers)
+        if n:
+            lines.append(
+                f"compressed {n} weight(s): {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
+                f"({self.layer_ratio:.1f}x)"
+            )
+        else:
+            lines.append("no layer was compressed")
+        if self.literature_ratio:
+            lines.append(f"model ratio, literature convention: {self.literature_ratio:.1f}x")
+        if self.file_ratio:
+            lines.append(
+                f"file: {format_bytes(self.input_file_bytes)} -> {format_bytes(self.output_file_bytes)} "
+                f"({self.file_ratio:.1f}x)"
+            )
+        if self.left_alone:
+            lines.append(f"{len(self.left_alone)} Conv/Gemm/MatMul node(s) left alone (see `onnxvq inspect`)")
+        return "\n".join(lines)
+
+
+def format_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_table(header: tuple, rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:{'<' if i in (0, 1, 9) else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row) for row in rows]
+    return lines

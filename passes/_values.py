@@ -1,0 +1,49 @@
+"""Value bookkeeping shared by the passes: unique names, new initializers, dead-weight removal."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["register_initializer", "remove_if_dead", "unique_name", "value_names"]
+
+
+def register_initializer(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str]) -> ir.Value:
+    """Add ``array`` as an initializer of ``graph`` under ``name`` (made unique against ``taken``)."""
+    name = unique_name(name, taken)
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def remove_if_dead(weight: ir.Value) -> None:
+    """Drop a value nothing reads any more: its initializer, or the Constant node producing it."""
+    if weight.uses() or weight.is_graph_output():
+        return
+    if weight.is_initializer():
+        weight.graph.initializers.pop(weight.name)
+        return
+    producer = weight.producer()
+    if producer is not None and producer.op_type == "Constant":
+        producer.graph.remove(producer, safe=True)
+
+
+def value_names(model: ir.Model) -> set[str]:
+    """Every value name in the model's graphs (initializers, inputs, node outputs)."""
+    names: set[str] = set()
+    for graph in model.graphs():
+        names.update(graph.initializers)
+        names.update(v.name for v in graph.inputs if v.name)
+        for node in graph:
+            names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        i += 1
+        candidate = f"{name}.{i}"
+    taken.add(candidate)
+    return candidate

@@ -1,0 +1,81 @@
+"""Turn ``ai.onnxvq`` nodes back into standard Conv/Gemm/MatMul with dense weights.
+
+Rule: each VQ node becomes its consumer op (``VQConv`` -> ``Conv``, ...) with the consumer's own
+attributes, the activation and bias in their original positions (a ``weight_left`` MatMul takes the
+weight first), and a dense initializer decoded by the op's numpy ``decode``, stored at
+``weight_dtype``. Nodes that shared one ``codes`` tensor share one dense initializer, named after
+the codes minus ``.vq_codes`` when that name is free. The VQ initializers, functions and the
+``ai.onnxvq`` opset import are removed when nothing uses them any more. Node names, outputs, doc
+strings and metadata are kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxvq import ops
+from onnxvq.candidates import iter_nodes
+from onnxvq.passes._values import register_initializer, remove_if_dead, value_names
+from onnxvq.passes.replace_with_vq_ops import CODES_SUFFIX
+
+__all__ = ["DecompressVQOpsPass"]
+
+
+class DecompressVQOpsPass(ir.passes.InPlacePass):
+    """Replace every VQ node by its dense standard-op twin; see the module docstring."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        vq_nodes = [n for n in iter_nodes(model) if n.domain == ops.DOMAIN]
+        taken = value_names(model)
+        dense: dict[ir.Value, ir.Value] = {}
+        encoded_values: set[ir.Value] = set()
+        for node in vq_nodes:
+            op = ops.op_module(node.op_type)
+            inputs = list(node.inputs)
+            codes, codebook = inputs[1], inputs[2]
+            encoded_values.update(v for v in (codes, codebook) if v is not None)
+            if codes not in dense:
+                dense[codes] = _dense_weight(model.graph, op, node, taken)
+            weight = dense[codes]
+            attributes = {name: attr for name, attr in node.attributes.items()}
+            weight_left = bool(attributes.pop("weight_left").value) if "weight_left" in attributes else False
+            for name in ops.vq_weight.VQ_ATTRIBUTES:
+                attributes.pop(name, None)
+            if op.CONSUMER == "MatMul":
+                new_inputs = [weight, inputs[0]] if weight_left else [inputs[0], weight]
+            else:
+                new_inputs = [inputs[0], weight, *inputs[3:]]
+            new_node = ir.Node(
+                "",
+                op.CONSUMER,
+                new_inputs,
+                attributes=list(attributes.values()),
+                name=node.name,
+                doc_string=node.doc_string,
+                metadata_props=dict(node.metadata_props),
+                num_outputs=1,
+            )
+            ir.convenience.replace_nodes_and_values(
+                node.graph, node, [node], [new_node], list(node.outputs), list(new_node.outputs)
+            )
+        for value in encoded_values:
+            remove_if_dead(value)
+        removed_functions = [key for key in model.functions if key[0] == ops.DOMAIN]
+        for key in removed_functions:
+            del model.functions[key]
+        model.opset_imports.pop(ops.DOMAIN, None)
+        return ir.passes.PassResult(model, modified=bool(vq_nodes or removed_functions))
+
+
+def _dense_weight(graph: ir.Graph, op, node: ir.Node, taken: set[str]) -> ir.Value:
+    codes, codebook = node.inputs[1], node.inputs[2]
+    attributes = {}
+    for name, attr in node.attributes.items():
+        value = attr.value
+        attributes[name] = value.numpy() if isinstance(value, ir.TensorProtocol) else value
+    array = op.decode(codes.const_value.numpy(), codebook.const_value.numpy(), **attributes)
+    name = codes.name
+    if name.endswith(CODES_SUFFIX):
+        name = name[: -len(CODES_SUFFIX)]
+    return register_initializer(graph, name, np.ascontiguousarray(array), taken)

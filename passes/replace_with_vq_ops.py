@@ -1,0 +1,101 @@
+"""Replace compressed Conv/Gemm/MatMul nodes by their ``ai.onnxvq`` ops.
+
+Rule: for each ``(layer, packed)`` pair, the layer's node ``Conv(X, W[, B])``,
+``Gemm(A, W[, C])``, ``MatMul(X, W)`` or ``MatMul(W, X)`` becomes
+``VQConv(X, codes, codebook[, B])`` (etc.) with the node's own attributes unchanged, the VQ
+attributes of ``onnxvq.ops.vq_weight`` added, and the overload of its structural variant. The new
+node keeps the old node's name, doc string, metadata and output values (so names, types and
+shapes downstream are untouched). A weight shared by several layers gets one pair of
+initializers, ``<weight>.vq_codes`` and ``<weight>.vq_codebook``, in the main graph (subgraph
+nodes read them from the outer scope). A dense weight left without users is removed: its
+initializer, or the ``Constant`` node that produced it. Nothing else in the graph changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxvq import ops
+from onnxvq.candidates import Layer
+from onnxvq.packing import PackedWeight
+from onnxvq.passes._values import register_initializer, remove_if_dead, value_names
+
+__all__ = ["CODES_SUFFIX", "CODEBOOK_SUFFIX", "ReplaceWithVQOpsPass"]
+
+logger = logging.getLogger(__name__)
+
+CODES_SUFFIX = ".vq_codes"
+CODEBOOK_SUFFIX = ".vq_codebook"
+
+
+class ReplaceWithVQOpsPass(ir.passes.InPlacePass):
+    """Swap each layer's node for its VQ op; see the module docstring for the rule."""
+
+    def __init__(self, replacements: Sequence[tuple[Layer, PackedWeight]]) -> None:
+        super().__init__()
+        self.replacements = list(replacements)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        taken = value_names(model)
+        stored: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
+        for layer, packed in self.replacements:
+            if layer.weight not in stored:
+                stored[layer.weight] = (
+                    register_initializer(model.graph, layer.weight.name + CODES_SUFFIX, packed.codes, taken),
+                    register_initializer(model.graph, layer.weight.name + CODEBOOK_SUFFIX, packed.codebook, taken),
+                )
+            _replace_node(layer, packed, *stored[layer.weight])
+        for weight in stored:
+            remove_if_dead(weight)
+        return ir.passes.PassResult(model, modified=bool(self.replacements))
+
+
+def _replace_node(layer: Layer, packed: PackedWeight, codes: ir.Value, codebook: ir.Value) -> None:
+    node = layer.node
+    op = ops.op_for_consumer(node.op_type)
+    inputs = list(node.inputs)
+    if node.op_type == "MatMul":
+        activation, rest = inputs[1 - layer.weight_index], []
+    else:
+        activation, rest = inputs[0], inputs[2:]
+    while rest and rest[-1] is None:
+        rest.pop()
+    transposed, _ = layer.view()
+    variant = ops.Variant.of(
+        code_bits=packed.code_bits,
+        codes_shape=packed.codes.shape,
+        d=packed.d,
+        weight_shape=packed.weight_shape,
+        transposed=transposed,
+        weight_left=layer.weight_left,
+    )
+    attributes = list(layer.consumer_attributes.values()) + _vq_attributes(packed)
+    new_node = ir.Node(
+        ops.DOMAIN,
+        op.OP_TYPE,
+        [activation, codes, codebook, *rest],
+        attributes=attributes,
+        overload=variant.overload,
+        name=node.name,
+        doc_string=node.doc_string,
+        metadata_props=dict(node.metadata_props),
+        num_outputs=1,
+    )
+    ir.convenience.replace_nodes_and_values(
+        node.graph, node, [node], [new_node], list(node.outputs), list(new_node.outputs)
+    )
+    logger.debug("replaced %s %r by %s (%s)", layer.op_type, layer.name, op.OP_TYPE, variant.overload)
+
+
+def _vq_attributes(packed: PackedWeight) -> list[ir.Attr]:
+    values = packed.attributes()
+    return [
+        ir.AttrTensor("weight_shape", ir.tensor(values["weight_shape"])),
+        ir.AttrInt64("weight_dtype", values["weight_dtype"]),
+        ir.AttrInt64("code_bits", values["code_bits"]),
+        ir.AttrString("method", values["method"]),
+    ]
