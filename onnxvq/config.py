@@ -211,7 +211,6 @@ def resolve_layers(config: CompressConfig, layers: Sequence[tuple[str, str, int]
     """
     names = {name for name, _, _ in layers}
     op_types = {op for _, op, _ in layers}
-    used: set[str] = set()
     skip_patterns = [(entry, _compile_key(entry)) for entry in config.skip]
     regex_keys = [(key, _compile_key(key)) for key in config.layers if key.startswith("re:")]
 
@@ -220,7 +219,6 @@ def resolve_layers(config: CompressConfig, layers: Sequence[tuple[str, str, int]
         plan = None
         for entry, pattern in skip_patterns:
             if _matches(entry, pattern, name):
-                used.add(f"skip:{entry}")
                 plan = LayerPlan(name, None, None, config.codebook_dtype, f"skip {entry!r}")
                 break
         if plan is None:
@@ -232,7 +230,6 @@ def resolve_layers(config: CompressConfig, layers: Sequence[tuple[str, str, int]
                 if key is None and op_type in config.layers and op_type not in names:
                     key = op_type
             if key is not None:
-                used.add(key)
                 plan = _plan_from_override(config, name, key)
             elif size < config.min_size:
                 plan = LayerPlan(
@@ -243,16 +240,17 @@ def resolve_layers(config: CompressConfig, layers: Sequence[tuple[str, str, int]
                 plan = LayerPlan(name, method, params, config.codebook_dtype, "default")
         plans.append(plan)
 
-    for entry in config.skip:
-        if f"skip:{entry}" not in used:
+    # A key must match some layer; whether it won for that layer is a separate question.
+    for entry, pattern in skip_patterns:
+        if not any(_matches(entry, pattern, name) for name in names):
             raise OnnxVQError(
                 f"skip entry {entry!r} matches no layer; run `onnxvq inspect MODEL` to list layer names"
             )
     for key in config.layers:
-        if key not in used:
-            what = "op type" if key in op_types else "layer"
+        pattern = _compile_key(key)
+        if not (any(_matches(key, pattern, name) for name in names) or key in op_types):
             raise OnnxVQError(
-                f"config key {key!r} matches no {what}; run `onnxvq inspect MODEL` to list layer names"
+                f"config key {key!r} matches no layer; run `onnxvq inspect MODEL` to list layer names"
             )
     return plans
 

@@ -93,8 +93,7 @@ def kmeans(
         codebook = groups.update(codes, codebook, dist, k)
     else:
         codes, dist = groups.assign(codebook, chunk)
-        inertia = float(dist.sum(dtype=np.float64))
-    return KMeansResult(codebook, codes, inertia, iterations)
+    return KMeansResult(codebook, codes, groups.inertia(codebook, codes), iterations)
 
 
 class _Groups:
@@ -147,6 +146,16 @@ class _Groups:
                 codes[idx] = part_codes
                 dist[idx] = part_dist
         return codes, dist
+
+    def inertia(self, codebook: np.ndarray, codes: np.ndarray) -> float:
+        """Exact ``sum ||x - c||^2`` over meaningful entries (the expanded form used for the
+        argmin loses digits to cancellation when points sit on their codewords)."""
+        total = 0.0
+        for idx, length, augmented, _ in self.parts:
+            part_codes = codes if idx is None else codes[idx]
+            diff = augmented[:, :length] - codebook[part_codes, :length]
+            total += float(np.einsum("nd,nd->", diff, diff, dtype=np.float64))
+        return total
 
     def update(
         self, codes: np.ndarray, codebook: np.ndarray, dist: np.ndarray, k: int
