@@ -97,38 +97,40 @@ def compress(
     reports: list[LayerReport] = []
     replacements: list[tuple[Layer, PackedWeight]] = []
     groups = group_by_weight(layers)
-    bar = tqdm(total=len(groups), desc="encoding", unit="weight", disable=not progress, leave=False)
-    for weight, group in groups.items():
-        plan = _group_plan(group, plan_of)
-        first = group[0]
-        bar.set_postfix_str(first.name, refresh=False)
-        packed, rule = None, plan.rule
-        if plan.compressed:
-            too_big = _no_smaller_reason(first, plan)
-            if too_big:
-                rule = too_big
-            else:
-                packed, sqnr = _encode(first, plan, config.seed)
-        for i, layer in enumerate(group):
-            report = LayerReport(
-                name=layer.name,
-                op_type=layer.op_type,
-                weight=weight.name,
-                shape=layer.weight_shape,
-                params=layer.size,
-                bytes_before=layer.nbytes,
-                compressed=packed is not None,
-                rule=rule,
-                shared_with=first.name if i else None,
-            )
-            if packed is not None:
-                report.method, report.k, report.d = packed.method, packed.k, packed.d
-                report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
-                report.sqnr_db = sqnr
-                replacements.append((layer, packed))
-            reports.append(report)
-        bar.update()
-    bar.close()
+    # disable=None: tqdm shows the bar only when stderr is a terminal (never in logs or pipes).
+    with tqdm(
+        total=len(groups), desc="encoding", unit="weight", disable=None if progress else True, leave=False
+    ) as bar:
+        for weight, group in groups.items():
+            plan = _group_plan(group, plan_of)
+            first = group[0]
+            bar.set_postfix_str(first.name, refresh=False)
+            packed, rule = None, plan.rule
+            if plan.compressed:
+                too_big = _no_smaller_reason(first, plan)
+                if too_big:
+                    rule = too_big
+                else:
+                    packed, sqnr = _encode(first, plan, config.seed)
+            for i, layer in enumerate(group):
+                report = LayerReport(
+                    name=layer.name,
+                    op_type=layer.op_type,
+                    weight=weight.name,
+                    shape=layer.weight_shape,
+                    params=layer.size,
+                    bytes_before=layer.nbytes,
+                    compressed=packed is not None,
+                    rule=rule,
+                    shared_with=first.name if i else None,
+                )
+                if packed is not None:
+                    report.method, report.k, report.d = packed.method, packed.k, packed.d
+                    report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
+                    report.sqnr_db = sqnr
+                    replacements.append((layer, packed))
+                reports.append(report)
+            bar.update()
 
     ReplaceWithVQOpsPass(replacements)(model)
     AttachVQFunctionsPass()(model)
