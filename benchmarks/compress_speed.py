@@ -11,7 +11,8 @@ transformers have) and a low-rank component, so k-means sees correlated, anisotr
 
 Each tool then runs in its own subprocess (so that its peak memory is its own):
 
-* ``baseline``: imports onnxvq, loads the model as onnxvq does, materializes each weight in turn.
+* ``baseline``: imports onnxvq, loads the model as onnxvq does, materializes each weight in turn;
+  ``baseline_sklearn``: the same plus ``import sklearn.cluster``. They only set the memory floor.
 * ``onnxvq``: ``onnxvq.compress(path, method="pq", k=K, d=D)`` end to end (load, k-means,
   packing, graph rewrite, per-layer SQNR); the model is not saved. The k-means calls are also
   timed on their own (by wrapping ``onnxvq.methods.pq.kmeans``, no onnxvq file is changed).
@@ -25,13 +26,21 @@ Each tool then runs in its own subprocess (so that its peak memory is its own):
 Reported per tool: total wall time (load + cluster + decode + SQNR, everything the worker does
 after its imports), the clustering time alone, the peak RSS, and the weight SQNR
 ``10 log10(sum W^2 / sum (W - W_hat)^2)`` per layer and its mean over layers. Ratios
-(scikit-learn / onnxvq) of time and memory come from the same run.
+(scikit-learn / onnxvq) of time and memory come from the same run. onnxvq's SQNR is its
+summary's, i.e. with the codebook as stored (float16 by default); the SQNR of its fp32 k-means
+result is printed too (scikit-learn's centers are fp32; the difference is ~0.001 dB here).
 
 Peak RSS is the ``VmHWM`` of the worker (Linux ``/proc/self/status``; ``ru_maxrss`` elsewhere).
 Not ``ru_maxrss``: on Linux it survives ``exec`` and so would include the RSS of the parent at
 spawn time. The parent also imports only the standard library, to keep that noise small
-elsewhere. Two memory numbers are printed: the absolute peak, and the increment over the
-``baseline`` worker's peak (the memory of the work itself). The memory ratio uses increments.
+elsewhere. Two memory numbers are printed: the absolute peak, and the increment over the peak
+of the baseline worker with the same imports (the memory of the work itself, without the
+~90 MiB that importing scikit-learn and scipy costs). The memory ratio uses increments. A third
+number, ``fit incr.``, isolates the clustering call (onnxvq's ``kmeans()``, scikit-learn's
+``fit()``): how far RSS rose above its level at the call's start, the worst layer (Linux only:
+the peak is reset through ``/proc/self/clear_refs`` before each call). It matters because the
+rest of the increment is mostly the SQNR computation (``onnxvq.summary.sqnr_db``, used by every
+worker so the numbers are identical, holds float64 copies: about 6x the layer's fp32 size).
 
 The time cap
 ------------
@@ -47,7 +56,7 @@ the measured layers only (onnxvq's mean over the same layers is printed next to 
 Run
 ---
     python benchmarks/compress_speed.py                 # full default run (~10 min on 2 cores)
-    python benchmarks/compress_speed.py --scale small   # ~2.6M weights, a quick check
+    python benchmarks/compress_speed.py --scale small   # 2.1M weights, a quick check
     python benchmarks/compress_speed.py --k 256 --d 4 --layers 4 --skip-sklearn
     python benchmarks/compress_speed.py --sklearn-subset per-shape --no-minibatch
 
@@ -55,7 +64,11 @@ D must divide every row length (768 and 3072 here, or 256 and 1024 with --scale 
 onnxvq and scikit-learn cluster exactly the same points (no padded subvectors).
 
 Timings are wall clock; anything else running on the machine shows up in them (the load average
-at start and end is printed for that reason).
+at start and end is printed for that reason). On a shared machine also try ``--threads 1``:
+with 2 OpenBLAS threads, onnxvq's many small GEMM calls (one per chunk of 4096 points) slow
+down several-fold when another process holds a core (measured: 31 s single-threaded against
+278 s with 2 threads for the default model, same results), while scikit-learn pins BLAS to one
+thread and parallelizes with OpenMP instead.
 """
 
 from __future__ import annotations
@@ -91,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         run_worker(args)
         return
 
+    sys.stdout.reconfigure(line_buffering=True)  # keep the report in order with the workers' stderr
     started = time.perf_counter()
     d_model, d_ff, vocab, blocks = SCALES[args.scale]
     blocks = args.layers or blocks
@@ -108,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {"baseline": spawn("baseline", args, model_path)}
     results["onnxvq"] = spawn("onnxvq", args, model_path)
     if not args.skip_sklearn:
+        results["baseline_sklearn"] = spawn("baseline_sklearn", args, model_path)
         results["kmeans"] = spawn("kmeans", args, model_path)
         if not args.no_minibatch:
             results["minibatch"] = spawn("minibatch", args, model_path)
@@ -125,7 +140,7 @@ def parse_args(argv):
     p.add_argument("--d", type=int, default=8, help="subvector length (default 8)")
     p.add_argument("--scale", choices=sorted(SCALES), default="full",
                    help="full: d_model 768, d_ff 3072, vocab 8192 (20.4M weights); "
-                        "small: 256/1024/2048 (2.6M weights)")
+                        "small: 256/1024/2048 (2.1M weights)")
     p.add_argument("--layers", type=int, default=None,
                    help="number of transformer blocks (default 2)")
     p.add_argument("--skip-sklearn", action="store_true", help="measure onnxvq only")
@@ -133,8 +148,11 @@ def parse_args(argv):
     p.add_argument("--sklearn-subset", choices=["all", "per-shape"], default="all",
                    help="layers the scikit-learn baselines run on; per-shape extrapolates time")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights")
+    p.add_argument("--threads", type=int, default=None,
+                   help="set OMP/OpenBLAS/MKL thread counts of the workers (default: the "
+                        "libraries' own defaults, i.e. all cores)")
     # Internal: the parent re-runs this file as a worker.
-    p.add_argument("--worker", choices=["build", "baseline", "onnxvq", "kmeans", "minibatch"],
+    p.add_argument("--worker", choices=sorted(WORKERS),
                    help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
@@ -148,7 +166,11 @@ def spawn(worker: str, args, model_path: str, extra: list[str] | None = None) ->
            "--sklearn-subset", args.sklearn_subset] + (extra or [])
     print(f"[running {worker} ...]", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
+    env = dict(os.environ)
+    if args.threads:  # must be set before numpy / sklearn load their thread pools
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(args.threads)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)  # stderr passes through
     lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_MARKER)]
     if proc.returncode or not lines:
         sys.stdout.write(proc.stdout)
@@ -161,9 +183,11 @@ def spawn(worker: str, args, model_path: str, extra: list[str] | None = None) ->
 
 def print_header(built: dict, args, load: tuple) -> None:
     print("onnxvq compression benchmark: PQ vs scikit-learn k-means on the same subvectors")
-    print(f"machine: {built['cpu']}, {os.cpu_count()} logical cores "
+    cores = os.cpu_count() or 1
+    busy = "  (busy machine: timings will be noisy)" if load[0] > 0.5 * cores else ""
+    print(f"machine: {built['cpu']}, {cores} logical cores "
           f"(affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}), "
-          f"{platform.system()} {platform.machine()}, load average at start {fmt_load(load)}")
+          f"{platform.system()} {platform.machine()}, load average at start {fmt_load(load)}{busy}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in built["versions"].items()))
     print("threads: " + "; ".join(built["threadpools"]))
     print(f"model: {built['path']}")
@@ -171,7 +195,9 @@ def print_header(built: dict, args, load: tuple) -> None:
     print(f"  {built['n_layers']} Conv/Gemm/MatMul weights, {built['params']:,} weights in them "
           f"({built['total_params']:,} parameters in all), file {built['file_bytes'] / 2**20:.1f} MiB, "
           f"built in {built['build_s']:.1f} s")
-    print(f"settings: method=pq k={args.k} d={args.d}; scikit-learn layers: {args.sklearn_subset}")
+    threads = args.threads or "library defaults"
+    print(f"settings: method=pq k={args.k} d={args.d}; scikit-learn layers: {args.sklearn_subset}; "
+          f"threads: {threads}")
 
 
 def print_layers(results: dict) -> None:
@@ -198,33 +224,38 @@ def print_layers(results: dict) -> None:
 
 
 def print_summary(results: dict, args) -> None:
-    base_rss = results["baseline"]["peak_rss_mib"]
+    base = {t: results[t]["peak_rss_mib"] for t in ("baseline", "baseline_sklearn") if t in results}
     onnxvq = results["onnxvq"]
-    print(f"\nbaseline worker (imports + load + materialize each weight): peak RSS {base_rss:.0f} MiB, "
-          f"{results['baseline']['total_s']:.1f} s")
-    print("\nsummary (time: seconds after imports; RSS: MiB; increment = peak - baseline peak):")
-    header = ["tool", "total s", "cluster s", "peak RSS", "RSS incr.", "mean SQNR dB", "time x", "mem x"]
+    print("\nbaseline workers (imports + load the model + read each weight as float32), peak RSS: "
+          + ", ".join(f"{BASELINE_LABELS[t]} {v:.0f} MiB" for t, v in base.items()))
+    print("\nsummary (time: seconds after imports; RSS: MiB; "
+          "increment = peak - peak of the baseline with the same imports):")
+    header = ["tool", "total s", "cluster s", "peak RSS", "RSS incr.", "fit incr.", "mean SQNR dB",
+              "time x", "mem x"]
     rows = []
-    ref_time, ref_incr = onnxvq["total_s"], max(onnxvq["peak_rss_mib"] - base_rss, 1e-9)
+    ref_time = onnxvq["total_s"]
+    ref_incr = max(onnxvq["peak_rss_mib"] - base["baseline"], 1e-9)
     for tool in ("onnxvq", "kmeans", "minibatch"):
         if tool not in results:
             continue
         r = results[tool]
         est = r.get("extrapolated", False)
-        incr = r["peak_rss_mib"] - base_rss
+        incr = r["peak_rss_mib"] - base["baseline" if tool == "onnxvq" else "baseline_sklearn"]
         rows.append([
             LABELS[tool],
             f"{r['total_s']:.1f}" + ("*" if est else ""),
             f"{r['cluster_s']:.1f}" + ("*" if est else ""),
             f"{r['peak_rss_mib']:.0f}",
             f"{incr:.0f}",
+            f"{r['cluster_rss_mib']:.0f}" if r["cluster_rss_mib"] is not None else "n/a",
             f"{r['mean_sqnr_db']:.3f}" + ("**" if est else ""),
             f"{r['total_s'] / ref_time:.2f}" + ("*" if est else ""),
             f"{incr / ref_incr:.2f}",
         ])
     print_table(header, rows)
-    print("time x = tool total time / onnxvq total time; mem x = tool RSS increment / onnxvq RSS "
-          "increment (both > 1: slower / more memory than onnxvq)")
+    print("fit incr. = the most RSS rose during one layer's clustering call alone (onnxvq's kmeans(), "
+          "sklearn's fit()) over RSS at its start;\ntime x = tool total time / onnxvq total time; "
+          "mem x = tool RSS increment / onnxvq RSS increment (> 1: slower / more memory than onnxvq)")
     measured = [r for t, r in results.items() if t in ("kmeans", "minibatch")]
     if any(r.get("extrapolated") for r in measured):
         names = measured[0]["measured_layers"]
@@ -239,9 +270,14 @@ def print_summary(results: dict, args) -> None:
         print(f"clustering time ratio (KMeans / onnxvq k-means): {km['cluster_s'] / onnxvq['cluster_s']:.2f}; "
               f"SQNR difference (onnxvq - KMeans, mean over layers run): "
               f"{mean_sqnr_over(onnxvq, km) - km['mean_sqnr_db']:+.3f} dB")
+    fp32 = [l["fp32_sqnr_db"] for l in onnxvq["layers"]]
+    print(f"onnxvq mean SQNR of its k-means result before the float16 codebook cast: "
+          f"{sum(fp32) / len(fp32):.3f} dB (the table's onnxvq SQNR is after it, as stored)")
     print(f"onnxvq k-means iterations per layer: {onnxvq['iterations']} (max_iter 50); "
           f"compress() total {onnxvq['total_s']:.1f} s of which k-means {onnxvq['cluster_s']:.1f} s")
 
+
+BASELINE_LABELS = {"baseline": "onnxvq imports", "baseline_sklearn": "onnxvq + sklearn.cluster imports"}
 
 LABELS = {
     "onnxvq": "onnxvq compress (pq)",
@@ -269,15 +305,45 @@ def fmt_load(load: tuple) -> str:
     return " ".join(f"{x:.2f}" for x in load)
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (its own address space only), in MiB."""
+def _proc_status_mib(key: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
+    return None
+
+
+_peak_before_resets = 0.0  # the process's peak from before any reset in measure_peak()
+
+
+def measure_peak(fn):
+    """``(fn(), MiB)``: how far RSS rose above its level at the call while ``fn`` ran.
+
+    Uses Linux's peak reset (``/proc/self/clear_refs``); the process-wide peak seen so far is
+    remembered first, so :func:`peak_rss_mib` still reports it. MiB is None where unsupported.
+    """
+    global _peak_before_resets
+    _peak_before_resets = max(_peak_before_resets, peak_rss_mib())
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        start = _proc_status_mib("VmRSS")
+    except OSError:
+        start = None
+    out = fn()
+    peak = peak_rss_mib()
+    _peak_before_resets = max(_peak_before_resets, peak)
+    return out, (peak - start if start is not None else None)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (its own address space only), in MiB."""
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return max(hwm, _peak_before_resets)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
@@ -332,14 +398,22 @@ def worker_build(args) -> dict:
             "scikit-learn": sklearn.__version__, "onnxvq": onnxvq.__version__,
             "onnx": onnx.__version__, "onnxruntime": _version("onnxruntime"),
         },
-        "threadpools": [f"{p['internal_api']} {p['version']}: {p['num_threads']}"
+        "threadpools": [f"{p['prefix']} ({p['internal_api']} {p.get('version') or ''}".rstrip()
+                        + f"): {p['num_threads']} thread(s)"
                         for p in threadpoolctl.threadpool_info()],
     }
 
 
 def worker_baseline(args) -> dict:
-    """What every tool must do anyway: imports, load the model, read each weight as float32."""
+    """What every tool must do anyway: imports, load the model, read each weight as float32.
+
+    ``baseline_sklearn`` also imports ``sklearn.cluster`` (with scipy, ~90 MiB), so that the
+    scikit-learn workers' increment is the memory of their work, not of their imports.
+    """
     import numpy as np
+
+    if args.worker == "baseline_sklearn":
+        import sklearn.cluster  # noqa: F401
 
     from onnxvq.candidates import find_layers
     from onnxvq.model_io import load_model
@@ -358,28 +432,38 @@ def worker_onnxvq(args) -> dict:
 
     # Time the k-means calls on their own, without touching onnxvq's files: PQ.encode looks
     # `kmeans` up in its module at call time.
+    import numpy as np
+
     calls = []
     original = pq.kmeans
+    extra_s = 0.0  # time this wrapper spends on its own bookkeeping, taken out of the total
 
     def timed_kmeans(points, k, **kw):
+        nonlocal extra_s
         t = time.perf_counter()
-        res = original(points, k, **kw)
-        calls.append((time.perf_counter() - t, len(points), res.iterations))
+        res, fit_mib = measure_peak(lambda: original(points, k, **kw))
+        t1 = time.perf_counter()
+        # SQNR of the k-means result itself (fp32 codebook): the summary's SQNR is after the
+        # codebook is stored as float16 (onnxvq's default), scikit-learn's centers stay fp32.
+        signal = float(np.einsum("nd,nd->", points, points, dtype=np.float64))
+        fp32_db = 10.0 * np.log10(signal / res.inertia) if res.inertia > 0 else float("inf")
+        calls.append((t1 - t, len(points), res.iterations, fp32_db, fit_mib))
+        extra_s += time.perf_counter() - t1
         return res
 
     pq.kmeans = timed_kmeans
 
     t0 = time.perf_counter()
     result = onnxvq.compress(args.model, method="pq", k=args.k, d=args.d)
-    total_s = time.perf_counter() - t0
+    total_s = time.perf_counter() - t0 - extra_s
 
     compressed = result.summary.compressed_layers
     if len(compressed) != len(calls):  # e.g. a layer left dense: the per-layer zip would lie
         raise SystemExit(f"{len(compressed)} layers compressed but {len(calls)} k-means calls")
     layers = [
         {"name": l.name, "shape": list(l.shape), "points": n, "sqnr_db": l.sqnr_db,
-         "cluster_s": s, "n_iter": it}
-        for l, (s, n, it) in zip(compressed, calls)
+         "fp32_sqnr_db": fp32_db, "cluster_s": s, "n_iter": it, "cluster_rss_mib": mib}
+        for l, (s, n, it, fp32_db, mib) in zip(compressed, calls)
     ]
     return summarize(layers, total_s, extrapolated=False) | {
         "iterations": [l["n_iter"] for l in layers],
@@ -413,7 +497,7 @@ def worker_sklearn(args) -> dict:
         points = layout.to_subvectors(weight).reshape(-1, args.d)
         k = min(args.k, len(points))
         t = time.perf_counter()
-        est = make(k).fit(points)
+        est, fit_mib = measure_peak(lambda: make(k).fit(points))
         cluster_s = time.perf_counter() - t
         decoded = layout.from_subvectors(
             est.cluster_centers_.astype(np.float32)[est.labels_].reshape(layout.rows, layout.n_sub, args.d)
@@ -421,7 +505,7 @@ def worker_sklearn(args) -> dict:
         reports.append({
             "name": layer.name, "shape": list(layer.weight_shape), "points": len(points),
             "sqnr_db": sqnr_db(weight, decoded), "cluster_s": cluster_s,
-            "n_iter": int(est.n_iter_), "repeat": chosen[layer.name],
+            "n_iter": int(est.n_iter_), "repeat": chosen[layer.name], "cluster_rss_mib": fit_mib,
         })
         del weight, points, decoded, est
     measured_s = time.perf_counter() - t0
@@ -454,10 +538,16 @@ def summarize(layers: list[dict], total_s: float, *, extrapolated: bool) -> dict
         "total_s": total_s,
         "cluster_s": sum(l["cluster_s"] for l in layers),
         "mean_sqnr_db": sum(l["sqnr_db"] for l in layers) / len(layers),
+        "cluster_rss_mib": max_or_none(l["cluster_rss_mib"] for l in layers),
         "layers": layers,
         "layers_by_name": {l["name"]: l for l in layers},
         "extrapolated": extrapolated,
     }
+
+
+def max_or_none(values):
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
 
 
 def _layout(layer, d: int):
@@ -470,6 +560,7 @@ def _layout(layer, d: int):
 WORKERS = {
     "build": worker_build,
     "baseline": worker_baseline,
+    "baseline_sklearn": worker_baseline,
     "onnxvq": worker_onnxvq,
     "kmeans": worker_sklearn,
     "minibatch": worker_sklearn,

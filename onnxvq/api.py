@@ -101,35 +101,11 @@ def compress(
     with tqdm(
         total=len(groups), desc="encoding", unit="weight", disable=None if progress else True, leave=False
     ) as bar:
-        for weight, group in groups.items():
-            plan = _group_plan(group, plan_of)
-            first = group[0]
-            bar.set_postfix_str(first.name, refresh=False)
-            packed, rule = None, plan.rule
-            if plan.compressed:
-                too_big = _no_smaller_reason(first, plan)
-                if too_big:
-                    rule = too_big
-                else:
-                    packed, sqnr = _encode(first, plan, config.seed)
-            for i, layer in enumerate(group):
-                report = LayerReport(
-                    name=layer.name,
-                    op_type=layer.op_type,
-                    weight=weight.name,
-                    shape=layer.weight_shape,
-                    params=layer.size,
-                    bytes_before=layer.nbytes,
-                    compressed=packed is not None,
-                    rule=rule,
-                    shared_with=first.name if i else None,
-                )
-                if packed is not None:
-                    report.method, report.k, report.d = packed.method, packed.k, packed.d
-                    report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
-                    report.sqnr_db = sqnr
-                    replacements.append((layer, packed))
-                reports.append(report)
+        for group in groups.values():
+            bar.set_postfix_str(group[0].name, refresh=False)
+            group_reports, packed = _compress_weight(group, _group_plan(group, plan_of), config.seed)
+            reports += group_reports
+            replacements += [(layer, packed) for layer in group] if packed else []
             bar.update()
 
     ReplaceWithVQOpsPass(replacements)(model)
@@ -205,6 +181,37 @@ def _check_compressible(model: ir.Model) -> None:
             f"the model's opset {opset} is older than {ops.MIN_OPSET}; "
             "upgrade it with onnx.version_converter first"
         )
+
+
+def _compress_weight(
+    group: list[Layer], plan: LayerPlan, seed: int
+) -> tuple[list[LayerReport], PackedWeight | None]:
+    """Encode one weight for all layers that read it; their reports and the packed weight."""
+    first = group[0]
+    packed, sqnr, rule = None, None, plan.rule
+    if plan.compressed:
+        rule = _no_smaller_reason(first, plan) or plan.rule
+        if rule == plan.rule:
+            packed, sqnr = _encode(first, plan, seed)
+    reports = []
+    for i, layer in enumerate(group):
+        report = LayerReport(
+            name=layer.name,
+            op_type=layer.op_type,
+            weight=layer.weight.name,
+            shape=layer.weight_shape,
+            params=layer.size,
+            bytes_before=layer.nbytes,
+            compressed=packed is not None,
+            rule=rule,
+            shared_with=first.name if i else None,
+        )
+        if packed is not None:
+            report.method, report.k, report.d = packed.method, packed.k, packed.d
+            report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
+            report.sqnr_db = sqnr
+        reports.append(report)
+    return reports, packed
 
 
 def _group_plan(group: list[Layer], plan_of: dict[Layer, LayerPlan]) -> LayerPlan:

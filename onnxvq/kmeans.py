@@ -17,6 +17,12 @@ Points may be *partial*: ``partial`` marks points whose only meaningful entries 
 For those, distances use only the first ``tail`` entries and they pull only those entries of
 their centroid.
 
+Threads: each distance block is a thin SGEMM (rows x (d+1) by (d+1) x k). Multithreaded BLAS
+splits such a product badly and its spinning threads collapse when the cores are shared (measured
+3x slower than one thread under load), so BLAS is pinned to one thread here and the blocks are
+spread over a pool of ``os.cpu_count()`` Python threads instead (numpy releases the GIL in the
+product and the argmin).
+
 Why not scikit-learn's ``KMeans``: it seeds k-means++ on every point (the dominant cost on large
 layers), has no notion of partial points, and its OpenMP threads ignore our chunking; the
 benchmark (``benchmarks/compress_speed.py``) measures both on the same layers.
@@ -26,8 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 __all__ = ["KMeansResult", "kmeans"]
 
@@ -81,19 +90,20 @@ def kmeans(
     # 4 MB blocks stay in cache; at least 256 rows so each SGEMM is still worth a call.
     chunk = max(256, int(chunk_bytes // (4 * k)))
 
-    codebook = _init_kmeanspp(groups, k, rng, init_sample or max(64 * k, 16384))
-    previous = math.inf
-    iterations = 0
-    for iterations in range(1, max_iter + 1):
-        codes, dist = groups.assign(codebook, chunk)
-        inertia = float(dist.sum(dtype=np.float64))
-        if previous < math.inf and previous - inertia <= tol * previous:
-            break
-        previous = inertia
-        codebook = groups.update(codes, codebook, dist, k)
-    else:
-        codes, dist = groups.assign(codebook, chunk)
-    return KMeansResult(codebook, codes, groups.inertia(codebook, codes), iterations)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        codebook = _init_kmeanspp(groups, k, rng, init_sample or max(64 * k, 16384))
+        previous = math.inf
+        iterations = 0
+        for iterations in range(1, max_iter + 1):
+            codes, dist = groups.assign(codebook, chunk, pool)
+            inertia = float(dist.sum(dtype=np.float64))
+            if previous < math.inf and previous - inertia <= tol * previous:
+                break
+            previous = inertia
+            codebook = groups.update(codes, codebook, dist, k)
+        else:
+            codes, dist = groups.assign(codebook, chunk, pool)
+        return KMeansResult(codebook, codes, groups.inertia(codebook, codes), iterations)
 
 
 class _Groups:
@@ -122,7 +132,9 @@ class _Groups:
             norms = np.einsum("nd,nd->n", rows, rows)
             self.parts.append((idx, length, augmented, norms))
 
-    def assign(self, codebook: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    def assign(
+        self, codebook: np.ndarray, chunk: int, pool: ThreadPoolExecutor
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Nearest codeword per point and the squared distance to it."""
         codes = np.empty(self.n, np.int64)
         dist = np.empty(self.n, np.float32)
@@ -133,11 +145,14 @@ class _Groups:
             weights[length] = np.einsum("kd,kd->k", c, c)
             part_codes = np.empty(len(augmented), np.int64)
             part_dist = np.empty(len(augmented), np.float32)
-            for start in range(0, len(augmented), chunk):
+
+            def assign_block(start: int) -> None:
                 scores = augmented[start : start + chunk] @ weights
                 best = scores.argmin(axis=1)
                 part_codes[start : start + chunk] = best
                 part_dist[start : start + chunk] = np.take_along_axis(scores, best[:, None], 1)[:, 0]
+
+            list(pool.map(assign_block, range(0, len(augmented), chunk)))
             part_dist += norms
             np.maximum(part_dist, 0.0, out=part_dist)
             if idx is None:
@@ -151,10 +166,13 @@ class _Groups:
         """Exact ``sum ||x - c||^2`` over meaningful entries (the expanded form used for the
         argmin loses digits to cancellation when points sit on their codewords)."""
         total = 0.0
+        step = 1 << 16  # bounded temporaries on layers with millions of subvectors
         for idx, length, augmented, _ in self.parts:
             part_codes = codes if idx is None else codes[idx]
-            diff = augmented[:, :length] - codebook[part_codes, :length]
-            total += float(np.einsum("nd,nd->", diff, diff, dtype=np.float64))
+            for start in range(0, len(augmented), step):
+                block = augmented[start : start + step, :length]
+                diff = block - codebook[part_codes[start : start + step], :length]
+                total += float(np.einsum("nd,nd->", diff, diff, dtype=np.float64))
         return total
 
     def update(
