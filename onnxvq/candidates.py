@@ -107,6 +107,8 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[LeftAlone]]:
         layers.append(Layer(names[node], node, node.inputs[index], index, tensor))
 
     for function in model.functions.values():
+        if function.domain == ops.DOMAIN:  # our own decode bodies
+            continue
         for node in function:
             if node.domain == "" and node.op_type in consumers:
                 left_alone.append(

@@ -94,7 +94,7 @@ def compress(model, output, method, k, d, config_path, skip, min_size, seed, cod
         _write_text_atomically(report_path, json.dumps(result.summary.to_dict(), indent=2))
     if not quiet:
         click.echo(result.summary.format())
-    click.echo(f"wrote {', '.join(written)}")
+    click.echo(f"wrote {_paths(written)}")
 
 
 @main.command()
@@ -110,7 +110,7 @@ def decompress(model, output, external_data):
     check_output_path(output, [model])
     dense = decompress_model(load_model(model))
     written = save_model(dense, output, external_data=external_data)
-    click.echo(f"wrote {', '.join(written)}")
+    click.echo(f"wrote {_paths(written)}")
 
 
 @main.command()
@@ -124,6 +124,15 @@ def inspect(model, as_json):
 
     info = inspect_model(load_model(model))
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+def _paths(paths: list[str]) -> str:
+    """Paths as the user would write them: relative to the working folder when inside it."""
+    shown = []
+    for path in paths:
+        relative = os.path.relpath(path)
+        shown.append(path if relative.startswith("..") else relative)
+    return ", ".join(shown)
 
 
 def _model_file_bytes(path: str) -> int:

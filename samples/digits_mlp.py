@@ -82,13 +82,13 @@ def to_onnx(classifier) -> onnx.ModelProto:
         name = f"fc{i + 1}"
         # sklearn stores (in, out); the (out, in) layout with transB=1 is that of torch's Linear
         # and of most exported models, so onnxvq sees this model the way it sees theirs.
-        initializers.append(numpy_helper.from_array(np.ascontiguousarray(weight.T, dtype=np.float32), f"{name}.weight"))
+        weight_out_in = np.ascontiguousarray(weight.T, dtype=np.float32)
+        initializers.append(numpy_helper.from_array(weight_out_in, f"{name}.weight"))
         initializers.append(numpy_helper.from_array(bias.astype(np.float32), f"{name}.bias"))
         last = i == n_layers - 1
         out = "logits" if last else f"{name}_out"
-        nodes.append(
-            helper.make_node("Gemm", [previous, f"{name}.weight", f"{name}.bias"], [out], name=f"{name}/Gemm", transB=1)
-        )
+        inputs = [previous, f"{name}.weight", f"{name}.bias"]
+        nodes.append(helper.make_node("Gemm", inputs, [out], name=f"{name}/Gemm", transB=1))
         if not last:
             nodes.append(helper.make_node("Relu", [out], [f"{name}_relu"], name=f"{name}/Relu"))
             out = f"{name}_relu"
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     onnx.save_model(model, args.out)
     n_params = sum(w.size + b.size for w, b in zip(classifier.coefs_, classifier.intercepts_))
-    print(f"trained MLP {HIDDEN} ({n_params:,} parameters, {classifier.n_iter_} epochs) and built ONNX in {build_seconds:.1f} s")
+    print(f"trained MLP {HIDDEN} ({n_params:,} parameters, {classifier.n_iter_} epochs) "
+          f"and built ONNX in {build_seconds:.1f} s")
     print(f"test accuracy ({len(y_test)} images): sklearn {np.mean(sk_predicted == y_test):.4f}, "
           f"onnxruntime {np.mean(ort_predicted == y_test):.4f}")
     print(f"wrote {args.out} ({os.path.getsize(args.out):,} bytes)")

@@ -85,9 +85,8 @@ def evaluate(path: str, test_x: np.ndarray, test_y: np.ndarray) -> dict:
     truth = np.array([str(label) for label in test_y])
 
     start = time.perf_counter()
-    predicted = np.concatenate(
-        [session.run([output.name], {image.name: x[i : i + BATCH]})[0].argmax(axis=1) for i in range(0, len(x), BATCH)]
-    )
+    batches = (session.run([output.name], {image.name: x[i : i + BATCH]})[0] for i in range(0, len(x), BATCH))
+    predicted = np.concatenate([logits.argmax(axis=1) for logits in batches])
     run_seconds = time.perf_counter() - start
 
     files = model_files(path)
@@ -108,7 +107,9 @@ def format_size(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models to evaluate; the first is the reference")
+    parser.add_argument(
+        "models", nargs="+", metavar="MODEL.onnx", help="models to evaluate; the first is the reference"
+    )
     args = parser.parse_args(argv)
 
     missing = [m for m in args.models if not os.path.isfile(m)]
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if r is not first:
             diff = 100 * (r["accuracy"] - first["accuracy"])
             ratio = first["bytes"] / r["bytes"]
-            versus = f"{diff:+.2f} pp, {ratio:.2f}x smaller" if ratio >= 1 else f"{diff:+.2f} pp, {1 / ratio:.2f}x larger"
+            size = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+            versus = f"{diff:+.2f} pp, {size}"
         print(
             f"{r['path']:<{width}}  {100 * r['accuracy']:6.2f}%  {format_size(r['bytes']):>10}  {versus:<26}  "
             f"{r['load_s']:5.2f}s  {r['run_s']:5.2f}s"

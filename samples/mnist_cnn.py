@@ -116,7 +116,8 @@ def torch_accuracy(model: MnistCNN, x: np.ndarray, y: np.ndarray) -> float:
 def onnx_accuracy(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     predictions = [
-        session.run(["logits"], {"image": x[i : i + EVAL_BATCH]})[0].argmax(1) for i in range(0, len(x), EVAL_BATCH)
+        session.run(["logits"], {"image": x[i : i + EVAL_BATCH]})[0].argmax(1)
+        for i in range(0, len(x), EVAL_BATCH)
     ]
     return float((np.concatenate(predictions) == y).mean())
 
@@ -174,6 +175,10 @@ def save_atomically(data: bytes, path: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp creates the file private (0600); give it the permissions of a normal file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

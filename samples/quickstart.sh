@@ -13,7 +13,7 @@
 # Environment:
 #   PYTHON=python3.12            interpreter that creates the virtualenv (default python3)
 #   VENV=path                    virtualenv to create/use (default .venv)
-#   TORCH_INDEX_URL=url          where pip gets torch, e.g. https://download.pytorch.org/whl/cpu
+#   TORCH_INDEX_URL=url          where pip gets torch (a CPU-only package index),
 #                                on Linux when your pip offers no CPU wheel of torch by default
 #   QUICKSTART_REINSTALL=1       run the pip installs even when .venv already has everything
 # Nothing is downloaded at run time except the packages pip installs.
