@@ -244,7 +244,7 @@ def _encode(layer: Layer, plan: LayerPlan, seed: int) -> tuple[PackedWeight, flo
             f"weight {layer.weight.name!r} of layer {layer.name!r} contains NaN or Inf; "
             "fix the model before compressing"
         )
-    weight32 = weight.astype(np.float32)
+    weight32 = weight.astype(np.float32, copy=False)
     transposed, row_axes = layer.view()
     # One seed per weight, independent of layer order, so that a config change on one layer
     # does not reshuffle every other layer.
@@ -258,7 +258,7 @@ def _encode(layer: Layer, plan: LayerPlan, seed: int) -> tuple[PackedWeight, flo
         weight_dtype=int(layer.weight_dtype),
         codebook_dtype=plan.codebook_dtype,
     )
-    return packed, sqnr_db(weight32, packed.decode(transposed=transposed).astype(np.float32))
+    return packed, sqnr_db(weight32, packed.decode(transposed=transposed))
 
 
 def _float_params(model: ir.Model) -> int:

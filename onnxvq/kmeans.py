@@ -20,7 +20,7 @@ their centroid.
 Threads: each distance block is a thin SGEMM (rows x (d+1) by (d+1) x k). Multithreaded BLAS
 splits such a product badly and its spinning threads collapse when the cores are shared (measured
 3x slower than one thread under load), so BLAS is pinned to one thread here and the blocks are
-spread over a pool of ``os.cpu_count()`` Python threads instead (numpy releases the GIL in the
+spread over a pool of one Python thread per usable core instead (numpy releases the GIL in the
 product and the argmin).
 
 Why not scikit-learn's ``KMeans``: it seeds k-means++ on every point (the dominant cost on large
@@ -59,7 +59,7 @@ def kmeans(
     partial: np.ndarray | None = None,
     tail: int | None = None,
     init_sample: int | None = None,
-    chunk_bytes: int = 4 << 20,
+    chunk_bytes: int = 1 << 20,
 ) -> KMeansResult:
     """Cluster ``points`` (n, d) into ``k`` codewords.
 
@@ -87,11 +87,12 @@ def kmeans(
         raise ValueError(f"k={k} must be in [1, n={n}]")
     groups = _Groups(x, partial, tail)
     rng = np.random.default_rng(seed)
-    # 4 MB blocks stay in cache; at least 256 rows so each SGEMM is still worth a call.
+    # 1 MiB blocks (1024 rows at k=256) per thread stay in cache: measured ~10% faster than 4 MiB;
+    # at least 256 rows so each SGEMM is still worth a call.
     chunk = max(256, int(chunk_bytes // (4 * k)))
 
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        codebook = _init_kmeanspp(groups, k, rng, init_sample or max(64 * k, 16384))
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(_usable_cores()) as pool:
+        codebook = _init_kmeanspp(groups, k, rng, max(k, init_sample or max(64 * k, 16384)))
         previous = math.inf
         iterations = 0
         for iterations in range(1, max_iter + 1):
@@ -199,6 +200,14 @@ class _Groups:
             far = np.argsort(-candidates, kind="stable")[: len(empty)]
             new[empty[: len(far)]] = self.x[far]
         return new.astype(np.float32)
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _mask_partial(dist: np.ndarray, partial_idx: np.ndarray) -> np.ndarray:

@@ -22,10 +22,19 @@ __all__ = ["LayerReport", "Summary", "format_bytes", "format_table", "sqnr_db"]
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when exact)."""
-    reference = reference.astype(np.float64)
-    noise = float(np.sum((reference - approximation.astype(np.float64)) ** 2))
-    signal = float(np.sum(reference**2))
+    """Signal-to-quantization-noise ratio in dB (inf when exact).
+
+    Accumulates in float64 over blocks, so a layer of tens of millions of weights needs no
+    float64 copy of itself (measured: 144 MiB of temporaries for a 24 MiB layer before).
+    """
+    reference, approximation = reference.reshape(-1), approximation.reshape(-1)
+    signal = noise = 0.0
+    step = 1 << 20
+    for start in range(0, reference.size, step):
+        ref = reference[start : start + step].astype(np.float64)
+        err = ref - approximation[start : start + step]
+        signal += float(ref @ ref)
+        noise += float(err @ err)
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
