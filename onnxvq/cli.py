@@ -158,6 +158,9 @@ def _write_text_atomically(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; a report is not
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -91,8 +91,14 @@ class WeightLayout:
         return lay.reshape(self.rows, self.cols)
 
     def to_subvectors(self, weight: np.ndarray) -> np.ndarray:
-        """``W -> S`` (rows, n_sub, d) float32, the padding filled with zeros."""
+        """``W -> S`` (rows, n_sub, d) float32, the padding filled with zeros.
+
+        A view of ``weight`` when nothing is padded and no transpose or cast is needed (so a
+        1 GiB layer is not copied once more).
+        """
         matrix = self.to_matrix(weight).astype(np.float32, copy=False)
+        if self.tail == self.d and matrix.flags.c_contiguous:
+            return matrix.reshape(self.rows, self.n_sub, self.d)
         padded = np.zeros((self.rows, self.n_sub * self.d), np.float32)
         padded[:, : self.cols] = matrix
         return padded.reshape(self.rows, self.n_sub, self.d)

@@ -44,14 +44,9 @@ def function(variant: vq_weight.Variant, opset: int):
     refs = ", ".join(
         f"{a}: {_REF_TYPES.get(a, 'ints')} = @{a}" for a in CONSUMER_ATTRIBUTES
     )
-    body = vq_weight.decode_body(variant) + [f"Y = Conv <{refs}> (X, w, B)"]
     return vq_weight.make_function(
-        op_type=OP_TYPE,
-        overload=variant.overload,
-        opset=opset,
-        inputs=INPUTS,
-        attributes=list(CONSUMER_ATTRIBUTES + vq_weight.VQ_ATTRIBUTES),
-        body=body,
+        op_type=OP_TYPE, variant=variant, opset=opset, inputs=INPUTS,
+        attributes=list(CONSUMER_ATTRIBUTES), consumer=f"Y = Conv <{refs}> (X, w, B)",
     )
 
 

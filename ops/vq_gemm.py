@@ -43,17 +43,13 @@ def decode(codes: np.ndarray, codebook: np.ndarray, **attributes) -> np.ndarray:
 
 
 def function(variant: vq_weight.Variant, opset: int):
-    body = vq_weight.decode_body(variant) + [
+    consumer = (
         "Y = Gemm <alpha: float = @alpha, beta: float = @beta, transA: int = @transA, "
         "transB: int = @transB> (A, w, C)"
-    ]
+    )
     return vq_weight.make_function(
-        op_type=OP_TYPE,
-        overload=variant.overload,
-        opset=opset,
-        inputs=INPUTS,
-        attributes=list(CONSUMER_ATTRIBUTES + vq_weight.VQ_ATTRIBUTES),
-        body=body,
+        op_type=OP_TYPE, variant=variant, opset=opset, inputs=INPUTS,
+        attributes=list(CONSUMER_ATTRIBUTES), consumer=consumer,
     )
 
 

@@ -45,12 +45,8 @@ def decode(codes: np.ndarray, codebook: np.ndarray, **attributes) -> np.ndarray:
 def function(variant: vq_weight.Variant, opset: int):
     product = "Y = MatMul (w, X)" if variant.weight_left else "Y = MatMul (X, w)"
     return vq_weight.make_function(
-        op_type=OP_TYPE,
-        overload=variant.overload,
-        opset=opset,
-        inputs=INPUTS,
-        attributes=["weight_left", *vq_weight.VQ_ATTRIBUTES],
-        body=vq_weight.decode_body(variant) + [product],
+        op_type=OP_TYPE, variant=variant, opset=opset, inputs=INPUTS,
+        attributes=["weight_left"], consumer=product,
     )
 
 

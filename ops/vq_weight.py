@@ -201,15 +201,21 @@ def decode_body(variant: Variant) -> list[str]:
 def make_function(
     *,
     op_type: str,
-    overload: str,
+    variant: Variant,
     opset: int,
     inputs: list[str],
     attributes: list[str],
-    body: list[str],
+    consumer: str,
 ) -> onnx.FunctionProto:
-    """Parse a model-local function of the ai.onnxvq domain from text statements."""
+    """The model-local function of ``op_type`` for ``variant``: decode ``w``, then ``consumer``.
+
+    ``consumer`` is the final statement in ONNX text format, computing ``Y`` from ``w``;
+    ``attributes`` lists the op's own attributes (the VQ ones are added).
+    """
     if opset < MIN_OPSET:
         raise ValueError(f"VQ function bodies need opset >= {MIN_OPSET}, got {opset}")
+    attributes = [*attributes, *VQ_ATTRIBUTES]
+    body = decode_body(variant) + [consumer]
     text = (
         f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
         f"{op_type} <{', '.join(attributes)}> ({', '.join(inputs)}) => (Y) {{\n  "
@@ -217,7 +223,7 @@ def make_function(
         + "\n}"
     )
     function = onnx.parser.parse_function(text)
-    function.overload = overload
+    function.overload = variant.overload
     return function
 
 

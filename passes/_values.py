@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["register_initializer", "remove_if_dead", "unique_name", "value_names"]
+__all__ = ["register_initializer", "remove_if_dead", "replace_node", "unique_name", "value_names"]
 
 
 def register_initializer(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str]) -> ir.Value:
@@ -47,3 +47,25 @@ def unique_name(name: str, taken: set[str]) -> str:
         candidate = f"{name}.{i}"
     taken.add(candidate)
     return candidate
+
+
+def replace_node(
+    old: ir.Node, domain: str, op_type: str, inputs: list, attributes: list[ir.Attr], overload: str = ""
+) -> ir.Node:
+    """Put a one-output node in ``old``'s place, keeping its name, doc string, metadata and output
+    value (name, type, shape, graph-output role)."""
+    new = ir.Node(
+        domain,
+        op_type,
+        inputs,
+        attributes=attributes,
+        overload=overload,
+        name=old.name,
+        doc_string=old.doc_string,
+        metadata_props=dict(old.metadata_props),
+        num_outputs=1,
+    )
+    ir.convenience.replace_nodes_and_values(
+        old.graph, old, [old], [new], list(old.outputs), list(new.outputs)
+    )
+    return new

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxvq import ops
 from onnxvq.candidates import iter_nodes
-from onnxvq.passes._values import register_initializer, remove_if_dead, value_names
+from onnxvq.passes._values import register_initializer, remove_if_dead, replace_node, value_names
 from onnxvq.passes.replace_with_vq_ops import CODES_SUFFIX
 
 __all__ = ["DecompressVQOpsPass"]
@@ -46,19 +46,7 @@ class DecompressVQOpsPass(ir.passes.InPlacePass):
                 new_inputs = [weight, inputs[0]] if weight_left else [inputs[0], weight]
             else:
                 new_inputs = [inputs[0], weight, *inputs[3:]]
-            new_node = ir.Node(
-                "",
-                op.CONSUMER,
-                new_inputs,
-                attributes=list(attributes.values()),
-                name=node.name,
-                doc_string=node.doc_string,
-                metadata_props=dict(node.metadata_props),
-                num_outputs=1,
-            )
-            ir.convenience.replace_nodes_and_values(
-                node.graph, node, [node], [new_node], list(node.outputs), list(new_node.outputs)
-            )
+            replace_node(node, "", op.CONSUMER, new_inputs, list(attributes.values()))
         for value in encoded_values:
             remove_if_dead(value)
         removed_functions = [key for key in model.functions if key[0] == ops.DOMAIN]

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnxvq import ops
 from onnxvq.candidates import Layer
 from onnxvq.packing import PackedWeight
-from onnxvq.passes._values import register_initializer, remove_if_dead, value_names
+from onnxvq.passes._values import register_initializer, remove_if_dead, replace_node, value_names
 
 __all__ = ["CODES_SUFFIX", "CODEBOOK_SUFFIX", "ReplaceWithVQOpsPass"]
 
@@ -74,19 +74,8 @@ def _replace_node(layer: Layer, packed: PackedWeight, codes: ir.Value, codebook:
         weight_left=layer.weight_left,
     )
     attributes = list(layer.consumer_attributes.values()) + _vq_attributes(packed)
-    new_node = ir.Node(
-        ops.DOMAIN,
-        op.OP_TYPE,
-        [activation, codes, codebook, *rest],
-        attributes=attributes,
-        overload=variant.overload,
-        name=node.name,
-        doc_string=node.doc_string,
-        metadata_props=dict(node.metadata_props),
-        num_outputs=1,
-    )
-    ir.convenience.replace_nodes_and_values(
-        node.graph, node, [node], [new_node], list(node.outputs), list(new_node.outputs)
+    replace_node(
+        node, ops.DOMAIN, op.OP_TYPE, [activation, codes, codebook, *rest], attributes, variant.overload
     )
     logger.debug("replaced %s %r by %s (%s)", layer.op_type, layer.name, op.OP_TYPE, variant.overload)
 
