@@ -163,7 +163,9 @@ def _as_ir_model(model: ModelLike) -> ir.Model:
     if isinstance(model, onnx.ModelProto):
         return ir.serde.deserialize_model(model)  # a new object graph; the proto is only read
     if isinstance(model, ir.Model):
-        return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        # A structural copy sharing the (never mutated) tensors: external tensors keep their
+        # base folder, which a serialize/deserialize round trip would lose.
+        return model.clone()
     raise OnnxVQError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
 
 

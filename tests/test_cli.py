@@ -56,6 +56,20 @@ def test_compress_inspect_decompress(tmp_path, model_path):
     assert all(n.domain == "" for n in onnx.load(dense).graph.node)
 
 
+def test_external_data_model_from_another_folder(tmp_path):
+    sub = tmp_path / "models"
+    sub.mkdir()
+    onnx.save_model(mlp((64, 256, 256, 10)), sub / "m.onnx", save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0)
+    done = onnxvq("compress", "models/m.onnx", "-o", "models/m.vq.onnx", "--external-data", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "wrote models/m.vq.onnx, models/m.vq.onnx.data" in done.stdout
+    assert onnxvq("decompress", sub / "m.vq.onnx", "-o", sub / "dense.onnx").returncode == 0
+    feeds = {"x": rng(1).standard_normal((2, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(str(sub / "m.vq.onnx"), feeds)[0], run_ort(str(sub / "dense.onnx"), feeds)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_inspect_lists_candidates_with_config_names(model_path):
     info = json.loads(onnxvq("inspect", model_path, "--json").stdout)
     assert [(c["name"], c["op_type"], c["shape"]) for c in info["candidates"]] == [
