@@ -146,3 +146,8 @@ def test_decompress_of_an_uncompressed_model_is_an_error(tmp_path, model_path):
 def test_usage_errors_are_short(model_path):
     done = onnxvq("compress", model_path)  # no -o
     assert done.returncode == 2 and "Missing option '-o'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_import_does_not_pull_in_torch():
+    code = "import sys, onnxvq, onnxvq.cli, onnxvq.inspect_model; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
