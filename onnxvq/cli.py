@@ -1,4 +1,4 @@
-"""The ``onnxvq`` command line: ``compress``, ``decompress``, ``inspect``.
+"""The ``onnxvq`` command line: ``compress``, ``decompress``, ``inspect``, ``report``.
 
 Every user-fixable problem prints ``error: <one line>`` on stderr and exits with status 1, with
 no traceback and no output file left behind. Set ``ONNXVQ_DEBUG=1`` to get tracebacks.
@@ -124,6 +124,151 @@ def inspect(model, as_json):
 
     info = inspect_model(load_model(model))
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--baseline", type=click.Path(), default=None, help="The original model, to compare with.")
+@click.option("--accelerator", default="edge-npu", show_default=True, help="Profile: edge-npu, mobile-soc or datacenter-gpu.")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a profile field, e.g. dram_bandwidth=16e9 (repeatable).")
+@click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE", help="Shape of a graph input, e.g. image:1x3x224x224 (repeatable).")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write every count as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(), default=None, help="Write a PNG of off-chip bytes per layer here.")
+@_user_errors
+def report(model, baseline, accelerator, overrides, inputs, json_path, plot_path):
+    """Estimate MACs, memory traffic and time of MODEL on an accelerator (roofline model).
+
+    Compares MODEL with the same graph at int8 weights and, with --baseline, with the original.
+    """
+    from onnxvq import ops
+    from onnxvq.accelerators import get_profile
+    from onnxvq.api import decompress
+    from onnxvq.memory_access import analyze, parse_input_shape
+    from onnxvq.model_io import check_output_path, load_model
+
+    sources = [model] + ([baseline] if baseline else [])
+    for path in (json_path, plot_path):
+        if path:
+            check_output_path(path, sources)
+    profile = get_profile(accelerator, dict(_parse_assignment(o) for o in overrides))
+    ir_model = load_model(model)
+    names = [v.name for v in ir_model.graph.inputs if not v.is_initializer()]
+    input_shapes = dict(parse_input_shape(text, names) for text in inputs)
+
+    traffic = analyze(ir_model, input_shapes, profile)
+    variants = {}
+    if baseline:
+        base_model = load_model(baseline)
+        variants["baseline"] = analyze(base_model, input_shapes, profile)
+        int8_source = base_model
+    elif any(n.domain == ops.DOMAIN for n in ir_model.graph):
+        int8_source = decompress(ir_model)
+    else:
+        int8_source = ir_model
+    variants["int8"] = analyze(int8_source, input_shapes, profile, weight_format="int8")
+    variants["model"] = traffic
+
+    click.echo(f"accelerator {profile.name}: {profile.macs_per_second:.3g} MAC/s, "
+               f"DRAM {profile.dram_bandwidth:.3g} B/s, buffer {_fmt_bytes(profile.onchip_buffer_bytes)}, "
+               f"ROM {_fmt_bytes(profile.rom_bytes)}, activations "
+               f"{profile.activation_bytes or 'as in the model'}{' B' if profile.activation_bytes else ''}")
+    click.echo(_layer_table(traffic))
+    click.echo("")
+    click.echo(_comparison_table(variants))
+    if json_path:
+        record = {
+            "model": os.fspath(model),
+            "baseline": os.fspath(baseline) if baseline else None,
+            "profile": profile.to_dict(),
+            "input_shapes": {k: list(v) for k, v in input_shapes.items()},
+            "comparison": _comparison(variants),
+            "variants": {label: t.to_dict() for label, t in variants.items()},
+        }
+        _write_text_atomically(json_path, json.dumps(record, indent=2))
+        click.echo(f"wrote {_paths([json_path])}")
+    if plot_path:
+        from onnxvq.report_plot import plot_traffic
+
+        title = f"Off-chip bytes per layer: {os.path.basename(model)} on {profile.name}"
+        plot_traffic({_VARIANT_LABELS[k]: t for k, t in variants.items()}, plot_path, title=title)
+        click.echo(f"wrote {_paths([plot_path])}")
+
+
+_VARIANT_LABELS = {"baseline": "original", "int8": "int8 weights", "model": "this model"}
+
+
+def _fmt_bytes(n):
+    from onnxvq.summary import format_bytes
+
+    return format_bytes(n)
+
+
+def _parse_assignment(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise OnnxVQError(f"--set {text!r}: expected FIELD=VALUE, e.g. dram_bandwidth=16e9")
+    return key.strip(), value.strip()
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _layer_table(traffic) -> str:
+    from onnxvq.summary import format_bytes, format_table
+
+    # Layers with MACs, and other nodes only where they move at least 1 KiB off chip: the many
+    # small constants (LayerNorm scales, shapes) would drown the table; they are in the totals.
+    shown = [r for r in traffic.rows if r.macs or r.offchip_bytes >= 1024]
+    rows = [
+        (r.name, r.op_type, _si(r.macs), format_bytes(r.weight_total),
+         format_bytes(r.activation_read + r.activation_written), format_bytes(r.offchip_bytes),
+         f"{r.time_s * 1e6:.1f}", r.bound)
+        for r in shown
+    ]
+    header = ("layer", "op", "MACs", "weights", "activations", "off-chip", "time (us)", "bound")
+    lines = format_table(header, rows)
+    hidden = [r for r in traffic.rows if r not in shown]
+    if hidden:
+        moved = format_bytes(sum(r.offchip_bytes for r in hidden))
+        lines.append(f"({len(hidden)} other node(s) without MACs: {moved} off chip in total)")
+    return "\n".join(lines)
+
+
+def _comparison(variants) -> list[dict]:
+    int8_time = variants["int8"].total("time_s")
+    base_time = variants["baseline"].total("time_s") if "baseline" in variants else None
+    out = []
+    for label, t in variants.items():
+        totals = t.totals
+        time_s = totals["time_s"]
+        out.append({
+            "variant": label,
+            "weight_bytes": totals["weight_total"],
+            "offchip_bytes": totals["offchip_bytes"],
+            "macs": totals["macs"],
+            "time_s": time_s,
+            "speedup_vs_int8": int8_time / time_s if time_s else None,
+            "speedup_vs_baseline": base_time / time_s if base_time and time_s else None,
+        })
+    return out
+
+
+def _comparison_table(variants) -> str:
+    from onnxvq.summary import format_bytes, format_table
+
+    rows = [
+        (_VARIANT_LABELS[c["variant"]], format_bytes(c["weight_bytes"]), format_bytes(c["offchip_bytes"]),
+         _si(c["macs"]), f"{c['time_s'] * 1e3:.4g}",
+         f"{c['speedup_vs_int8']:.2f}x" if c["speedup_vs_int8"] else "-",
+         f"{c['speedup_vs_baseline']:.2f}x" if c["speedup_vs_baseline"] else "-")
+        for c in _comparison(variants)
+    ]
+    header = ("variant", "weights", "off-chip", "MACs", "time (ms)", "vs int8", "vs original")
+    return "\n".join(format_table(header, rows))
 
 
 def _paths(paths: list[str]) -> str:
