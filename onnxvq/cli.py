@@ -145,6 +145,8 @@ def report(model, baseline, accelerator, overrides, inputs, json_path, plot_path
     from onnxvq.api import decompress
     from onnxvq.memory_access import analyze, parse_input_shape
     from onnxvq.model_io import check_output_path, load_model
+    from onnxvq.report_tables import VARIANT_LABELS, comparison, format_comparison, format_layers
+    from onnxvq.summary import format_bytes
 
     sources = [model] + ([baseline] if baseline else [])
     for path in (json_path, plot_path):
@@ -169,19 +171,19 @@ def report(model, baseline, accelerator, overrides, inputs, json_path, plot_path
     variants["model"] = traffic
 
     click.echo(f"accelerator {profile.name}: {profile.macs_per_second:.3g} MAC/s, "
-               f"DRAM {profile.dram_bandwidth:.3g} B/s, buffer {_fmt_bytes(profile.onchip_buffer_bytes)}, "
-               f"ROM {_fmt_bytes(profile.rom_bytes)}, activations "
+               f"DRAM {profile.dram_bandwidth:.3g} B/s, buffer {format_bytes(profile.onchip_buffer_bytes)}, "
+               f"ROM {format_bytes(profile.rom_bytes)}, activations "
                f"{profile.activation_bytes or 'as in the model'}{' B' if profile.activation_bytes else ''}")
-    click.echo(_layer_table(traffic))
+    click.echo(format_layers(traffic))
     click.echo("")
-    click.echo(_comparison_table(variants))
+    click.echo(format_comparison(variants))
     if json_path:
         record = {
             "model": os.fspath(model),
             "baseline": os.fspath(baseline) if baseline else None,
             "profile": profile.to_dict(),
             "input_shapes": {k: list(v) for k, v in input_shapes.items()},
-            "comparison": _comparison(variants),
+            "comparison": comparison(variants),
             "variants": {label: t.to_dict() for label, t in variants.items()},
         }
         _write_text_atomically(json_path, json.dumps(record, indent=2))
@@ -190,17 +192,8 @@ def report(model, baseline, accelerator, overrides, inputs, json_path, plot_path
         from onnxvq.report_plot import plot_traffic
 
         title = f"Off-chip bytes per layer: {os.path.basename(model)} on {profile.name}"
-        plot_traffic({_VARIANT_LABELS[k]: t for k, t in variants.items()}, plot_path, title=title)
+        plot_traffic({VARIANT_LABELS[k]: t for k, t in variants.items()}, plot_path, title=title)
         click.echo(f"wrote {_paths([plot_path])}")
-
-
-_VARIANT_LABELS = {"baseline": "original", "int8": "int8 weights", "model": "this model"}
-
-
-def _fmt_bytes(n):
-    from onnxvq.summary import format_bytes
-
-    return format_bytes(n)
 
 
 def _parse_assignment(text: str) -> tuple[str, str]:
@@ -208,67 +201,6 @@ def _parse_assignment(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise OnnxVQError(f"--set {text!r}: expected FIELD=VALUE, e.g. dram_bandwidth=16e9")
     return key.strip(), value.strip()
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f}"
-
-
-def _layer_table(traffic) -> str:
-    from onnxvq.summary import format_bytes, format_table
-
-    # Layers with MACs, and other nodes only where they move at least 1 KiB off chip: the many
-    # small constants (LayerNorm scales, shapes) would drown the table; they are in the totals.
-    shown = [r for r in traffic.rows if r.macs or r.offchip_bytes >= 1024]
-    rows = [
-        (r.name, r.op_type, _si(r.macs), format_bytes(r.weight_total),
-         format_bytes(r.activation_read + r.activation_written), format_bytes(r.offchip_bytes),
-         f"{r.time_s * 1e6:.1f}", r.bound)
-        for r in shown
-    ]
-    header = ("layer", "op", "MACs", "weights", "activations", "off-chip", "time (us)", "bound")
-    lines = format_table(header, rows)
-    hidden = [r for r in traffic.rows if r not in shown]
-    if hidden:
-        moved = format_bytes(sum(r.offchip_bytes for r in hidden))
-        lines.append(f"({len(hidden)} other node(s) without MACs: {moved} off chip in total)")
-    return "\n".join(lines)
-
-
-def _comparison(variants) -> list[dict]:
-    int8_time = variants["int8"].total("time_s")
-    base_time = variants["baseline"].total("time_s") if "baseline" in variants else None
-    out = []
-    for label, t in variants.items():
-        totals = t.totals
-        time_s = totals["time_s"]
-        out.append({
-            "variant": label,
-            "weight_bytes": totals["weight_total"],
-            "offchip_bytes": totals["offchip_bytes"],
-            "macs": totals["macs"],
-            "time_s": time_s,
-            "speedup_vs_int8": int8_time / time_s if time_s else None,
-            "speedup_vs_baseline": base_time / time_s if base_time and time_s else None,
-        })
-    return out
-
-
-def _comparison_table(variants) -> str:
-    from onnxvq.summary import format_bytes, format_table
-
-    rows = [
-        (_VARIANT_LABELS[c["variant"]], format_bytes(c["weight_bytes"]), format_bytes(c["offchip_bytes"]),
-         _si(c["macs"]), f"{c['time_s'] * 1e3:.4g}",
-         f"{c['speedup_vs_int8']:.2f}x" if c["speedup_vs_int8"] else "-",
-         f"{c['speedup_vs_baseline']:.2f}x" if c["speedup_vs_baseline"] else "-")
-        for c in _comparison(variants)
-    ]
-    header = ("variant", "weights", "off-chip", "MACs", "time (ms)", "vs int8", "vs original")
-    return "\n".join(format_table(header, rows))
 
 
 def _paths(paths: list[str]) -> str:
