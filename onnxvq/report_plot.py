@@ -1,8 +1,8 @@
 """The plot of ``onnxvq report --plot``: off-chip bytes per layer, one bar per variant.
 
 Layers are the nodes with MACs (Conv/Gemm/MatMul and their ``ai.onnxvq`` ops) that move bytes off
-chip in at least one variant, in the order of the first variant, matched across variants by node name (onnxvq keeps node names). The y axis is
-logarithmic when the bars span more than two decades, so that compressed layers stay visible
+chip in at least one variant, in the order of the first variant, matched across variants by node
+name (onnxvq keeps node names). The y axis is logarithmic when the bars span more than two decades, so that compressed layers stay visible
 next to dense ones. matplotlib is imported only here (``pip install onnxvq[report]``).
 """
 

@@ -37,7 +37,7 @@ __all__ = ["HIDDEN", "build_digits_mlp", "train_digits_mlp"]
 
 HIDDEN = (256, 256)
 OPSET = 17
-IR_VERSION = 8  # the oldest that allows model-local functions, which onnxvq's ops need
+IR_VERSION = 8  # what common exporters write; onnxvq raises it to 10 when its ops need that
 
 
 def train_digits_mlp(seed: int = 0):
