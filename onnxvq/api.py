@@ -265,13 +265,11 @@ def _encode(layer: Layer, plan: LayerPlan, seed: int) -> tuple[PackedWeight, flo
 
 def _float_params(model: ir.Model) -> int:
     total = 0
-    seen = set()
     for graph in model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
             if tensor is not None and tensor.dtype.is_floating_point():
                 total += math.prod(tensor.shape)
-                seen.add(id(value))
         for node in graph:
             if node.op_type == "Constant" and "value" in node.attributes:
                 tensor = node.attributes["value"].as_tensor()

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from onnxvq import ops
 
-__all__ = ["Layer", "LeftAlone", "find_layers", "group_by_weight", "iter_nodes"]
+__all__ = ["Layer", "LeftAlone", "constant_tensor", "find_layers", "group_by_weight", "iter_nodes"]
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
@@ -139,7 +139,7 @@ def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol] | str:
         slots = [1]
     else:  # MatMul: either side, when only that side is constant
         slots = [1, 0]
-    constants = {i: _constant_tensor(inputs[i]) for i in range(min(2, len(inputs)))}
+    constants = {i: constant_tensor(inputs[i]) for i in range(min(2, len(inputs)))}
     if node.op_type == "MatMul" and all(constants.get(i) is not None for i in (0, 1)):
         return "both MatMul inputs are constant (fold it instead)"
     if node.op_type == "Gemm" and constants.get(1) is None and constants.get(0) is not None:
@@ -163,7 +163,9 @@ def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol] | str:
     return "the weight is not a constant (computed at run time)"
 
 
-def _constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of a value fixed at export time, or None: an initializer that is not also a
+    graph input (those can be overridden at run time), or a ``Constant`` node's output."""
     if value is None:
         return None
     if value.is_initializer():
@@ -171,13 +173,11 @@ def _constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
             return None
         return value.const_value
     producer = value.producer()
-    if (
-        producer is not None
-        and producer.op_type == "Constant"
-        and producer.domain == ""
-        and "value" in producer.attributes
-    ):
-        return producer.attributes["value"].as_tensor()
+    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
+        attr = producer.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor()
+        return value.const_value  # value_float(s)/value_int(s): onnx-ir folds them
     return None
 
 

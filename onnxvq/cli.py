@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 
 import click
 
@@ -75,7 +74,7 @@ def compress(model, output, method, k, d, config_path, skip, min_size, seed, cod
     """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops."""
     from onnxvq.api import compress as compress_model
     from onnxvq.config import CompressConfig
-    from onnxvq.model_io import check_output_path, load_model
+    from onnxvq.model_io import check_output_path, load_model, model_file_bytes
 
     check_output_path(output, [model])
     if report_path:
@@ -88,10 +87,10 @@ def compress(model, output, method, k, d, config_path, skip, min_size, seed, cod
     ir_model = load_model(model)
     result = compress_model(ir_model, config, progress=not quiet)
     written = result.save(output, external_data=external_data)
-    result.summary.input_file_bytes = _model_file_bytes(model)
+    result.summary.input_file_bytes = model_file_bytes(model, ir_model)
     result.summary.output_file_bytes = sum(os.path.getsize(p) for p in written)
     if report_path:
-        _write_text_atomically(report_path, json.dumps(result.summary.to_dict(), indent=2))
+        _write_text(report_path, json.dumps(result.summary.to_dict(), indent=2))
     if not quiet:
         click.echo(result.summary.format())
     click.echo(f"wrote {_paths(written)}")
@@ -186,7 +185,7 @@ def report(model, baseline, accelerator, overrides, inputs, json_path, plot_path
             "comparison": comparison(variants),
             "variants": {label: t.to_dict() for label, t in variants.items()},
         }
-        _write_text_atomically(json_path, json.dumps(record, indent=2))
+        _write_text(json_path, json.dumps(record, indent=2))
         click.echo(f"wrote {_paths([json_path])}")
     if plot_path:
         from onnxvq.report_plot import plot_traffic
@@ -212,37 +211,14 @@ def _paths(paths: list[str]) -> str:
     return ", ".join(shown)
 
 
-def _model_file_bytes(path: str) -> int:
-    """Size of a model file plus the external data files it references."""
-    from onnxvq.model_io import load_model
+def _write_text(path: str, text: str) -> None:
+    from onnxvq.model_io import write_atomically
 
-    total = os.path.getsize(path)
-    model = load_model(path)
-    seen = set()
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            location = getattr(tensor, "path", None)
-            if location and location not in seen and os.path.exists(location):
-                seen.add(location)
-                total += os.path.getsize(location)
-    return total
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".onnxvq-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; a report is not
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomically(path, write)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ import onnx_ir as ir
 
 from onnxvq import ops
 from onnxvq.accelerators import AcceleratorProfile
+from onnxvq.candidates import constant_tensor
 from onnxvq.errors import OnnxVQError
 
 __all__ = ["NodeTraffic", "Traffic", "WEIGHT_KINDS", "analyze", "parse_input_shape"]
@@ -229,7 +230,7 @@ def analyze(
         for slot, value in enumerate(node.inputs):
             if value is None:
                 continue
-            tensor = _constant(value)
+            tensor = constant_tensor(value)
             if tensor is None:
                 if node.domain == "" and node.op_type in _METADATA_ONLY:
                     continue
@@ -286,19 +287,6 @@ def _row_name(node: ir.Node, index: int, seen: dict[str, int]) -> str:
     name = node.name or f"{node.op_type}_{index}"
     seen[name] = seen.get(name, 0) + 1
     return name if seen[name] == 1 else f"{name}#{seen[name]}"
-
-
-def _constant(value: ir.Value) -> ir.TensorProtocol | None:
-    if value.is_initializer() and not value.is_graph_input():
-        return value.const_value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
-        attr = producer.attributes.get("value")
-        if attr is not None:
-            return attr.as_tensor()
-        if value.const_value is not None:  # value_float(s)/value_int(s): onnx-ir folds them
-            return value.const_value
-    return None
 
 
 def _nbytes(tensor: ir.TensorProtocol) -> int:
@@ -365,7 +353,7 @@ def _macs(node: ir.Node, shapes: dict) -> int:
 
 
 def _shape_of(value: ir.Value, shapes: dict) -> tuple[int, ...]:
-    tensor = _constant(value)
+    tensor = constant_tensor(value)
     if tensor is not None:
         return tuple(int(s) for s in tensor.shape)
     return shapes[value.name][0]
@@ -456,7 +444,7 @@ def _unknown_activations(model: ir.Model, shapes: dict) -> list[str]:
         if node.op_type == "Constant" and node.domain == "":
             continue
         for value in [*node.inputs, *node.outputs]:
-            if value is None or not value.name or value.name in shapes or _constant(value) is not None:
+            if value is None or not value.name or value.name in shapes or constant_tensor(value) is not None:
                 continue
             if value.name not in missing:
                 missing.append(value.name)
@@ -488,7 +476,7 @@ def _rom_codebooks(graph: ir.Graph, rom_bytes: int) -> set[ir.Value]:
         for slot, value in enumerate(node.inputs):
             if value is None or value in placed or _weight_kind(node, slot) != "codebook":
                 continue
-            tensor = _constant(value)
+            tensor = constant_tensor(value)
             if tensor is not None and _nbytes(tensor) <= free:
                 placed.add(value)
                 free -= _nbytes(tensor)

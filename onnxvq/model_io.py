@@ -15,14 +15,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import onnx
 import onnx_ir as ir
 
 from onnxvq.errors import OnnxVQError
 
-__all__ = ["PROTOBUF_LIMIT", "check_output_path", "load_model", "save_model"]
+__all__ = [
+    "PROTOBUF_LIMIT",
+    "check_output_path",
+    "load_model",
+    "model_file_bytes",
+    "save_model",
+    "write_atomically",
+]
 
 # Protobuf messages cannot exceed 2 GiB; keep a margin for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 2**26
@@ -83,21 +90,23 @@ def save_model(
     directory, name = os.path.split(path)
     data_name = name + ".data"
     data_path = os.path.join(directory, data_name)
-    external = list(_external_tensors(model))
-    if any(os.path.realpath(t.path) == os.path.realpath(data_path) for t in external):
+    tensors = list(_all_tensors(model))
+    external = [(t, is_attr) for t, is_attr in tensors if isinstance(t, ir.ExternalTensor)]
+    if any(os.path.realpath(t.path) == os.path.realpath(data_path) for t, _ in external):
         raise OnnxVQError(
             f"writing {data_name} would overwrite the external data the model is read from; "
             "choose another output name"
         )
+    too_big = sum(t.nbytes for t, _ in tensors) > PROTOBUF_LIMIT
     if external_data is None:
-        external_data = _tensor_bytes(model) > PROTOBUF_LIMIT or _has_external_attribute(model)
+        external_data = too_big or any(is_attr for _, is_attr in external)
     tmp_dir = tempfile.mkdtemp(prefix=".onnxvq-", dir=directory)
     try:
         tmp_model = os.path.join(tmp_dir, name)
         if external_data:
             ir.save(model, tmp_model, external_data=data_name)
         else:
-            if _tensor_bytes(model) > PROTOBUF_LIMIT:
+            if too_big:
                 raise OnnxVQError(
                     "the model's tensors exceed the 2 GiB protobuf limit; save with external data"
                 )
@@ -134,12 +143,33 @@ def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
             yield tensor
 
 
-def _has_external_attribute(model: ir.Model) -> bool:
-    return any(isinstance(t, ir.ExternalTensor) for t, is_attr in _all_tensors(model) if is_attr)
+def model_file_bytes(path: str | os.PathLike, model: ir.Model) -> int:
+    """Size of the model file at ``path`` plus the external data files ``model`` (loaded from
+    it) reads its tensors from, each file counted once."""
+    data_files = {os.path.realpath(t.path) for t in _external_tensors(model)}
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in data_files if os.path.exists(f))
 
 
-def _tensor_bytes(model: ir.Model) -> int:
-    return sum(t.nbytes for t, _ in _all_tensors(model))
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
+
+    Nothing half-written is left behind on failure, and the file gets ordinary permissions
+    (``mkstemp`` creates it private).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".onnxvq-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _check_external_data(model: ir.Model, path: str) -> None:

@@ -9,10 +9,10 @@ next to dense ones. matplotlib is imported only here (``pip install onnxvq[repor
 from __future__ import annotations
 
 import os
-import tempfile
 
 from onnxvq.errors import OnnxVQError
 from onnxvq.memory_access import Traffic
+from onnxvq.model_io import write_atomically
 
 __all__ = ["plot_traffic"]
 
@@ -69,19 +69,7 @@ def plot_traffic(variants: dict[str, Traffic], path: str | os.PathLike, *, title
     ax.legend(loc="upper center", ncol=n, fontsize=9)
     fig.tight_layout()
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".onnxvq-", suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)

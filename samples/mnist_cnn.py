@@ -31,7 +31,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 import time
 import warnings
 
@@ -48,6 +47,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mnist_data import MnistNotInstalled, load_mnist  # noqa: E402
+
+from onnxvq.model_io import write_atomically  # noqa: E402
 
 LABELS = [str(i) for i in range(10)]
 OPSET = 17
@@ -169,21 +170,13 @@ def export(model: MnistCNN) -> onnx.ModelProto:
 
 
 def save_atomically(data: bytes, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mnist_cnn-", suffix=".onnx", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
-        # mkstemp creates the file private (0600); give it the permissions of a normal file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomically(path, write)
 
 
 def main(argv: list[str] | None = None) -> int:
