@@ -21,16 +21,21 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxvq import ops
+from onnxvq.activations import LayerInputs, capture_inputs
+from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
 from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
 from onnxvq.errors import OnnxVQError
-from onnxvq.methods import get_method
+from onnxvq.finetune_settings import FinetuneSettings
+from onnxvq.methods import Encoded, get_method
 from onnxvq.model_io import load_model, save_model
 from onnxvq.ops.codes import code_bits_for_k, packed_nbytes
 from onnxvq.layout import WeightLayout
 from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
 from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceWithVQOpsPass
 from onnxvq.summary import LayerReport, Summary, sqnr_db
+from onnxvq.tuning import WeightJob, output_sqnr_db
+from onnxvq.tuning import finetune as finetune_jobs
 
 __all__ = ["PROVENANCE_KEY", "CompressResult", "compress", "decompress"]
 
@@ -63,6 +68,9 @@ def compress(
     config: CompressConfig | Mapping[str, Any] | str | os.PathLike | None = None,
     /,
     *,
+    calib: CalibrationSource | CalibrationSet | None = None,
+    labels: str | os.PathLike | np.ndarray | None = None,
+    finetune: FinetuneSettings | Mapping[str, Any] | str | None = None,
     progress: bool = False,
     **settings: Any,
 ) -> CompressResult:
@@ -71,7 +79,13 @@ def compress(
     Args:
         model: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``; never modified.
         config: a :class:`CompressConfig`, a mapping of settings, or a JSON/YAML file path.
-        progress: show a progress bar over layers (on stderr).
+        calib: calibration data (:mod:`onnxvq.calibration`): an ``.npz`` path, a folder of
+            ``.npz`` samples, or an iterable of feed dicts. With it, encoding minimises each
+            layer's output error instead of its weight error.
+        labels: class labels for a task loss (or a ``labels`` array in the calibration data).
+        finetune: a mode (``"none"``, ``"layer"``, ``"e2e"``), a mapping or
+            :class:`FinetuneSettings`; default ``layer`` with ``calib``, else ``none``.
+        progress: show progress bars (on stderr).
         **settings: settings applied over ``config`` (``method``, ``k``, ``d``, ``skip``, ...).
 
     Returns:
@@ -81,38 +95,68 @@ def compress(
 
         >>> import onnxruntime as ort, onnxvq
         >>> result = onnxvq.compress("model.onnx", method="pq", k=256, d=8)  # doctest: +SKIP
+        >>> tuned = onnxvq.compress("model.onnx", calib="calib.npz", finetune="e2e")  # doctest: +SKIP
         >>> print(result.summary.format())  # doctest: +SKIP
         >>> session = ort.InferenceSession(result.to_proto().SerializeToString())  # doctest: +SKIP
     """
     config = _make_config(config, settings)
     model = _as_ir_model(model)
     _check_compressible(model)
+    tuning = FinetuneSettings.make(finetune, has_calib=calib is not None)
+    calib_set = load_calibration(calib, model, labels=labels) if calib is not None else None
+    if labels is not None and calib is None:
+        raise OnnxVQError("labels need calibration data: give --calib with --labels")
     original_ir_version = model.ir_version
     total_float_params = _float_params(model)
 
     layers, left_alone = find_layers(model)
     plans = resolve_layers(config, [(l.name, l.op_type, l.size) for l in layers])
     plan_of = dict(zip(layers, plans))
+    planned = [(group, _group_plan(group, plan_of)) for group in group_by_weight(layers).values()]
+    rules = [_rule(group[0], plan) for group, plan in planned]
+    to_encode = [(g, p) for (g, p), rule in zip(planned, rules) if p.compressed and rule == p.rule]
+
+    train, held = calib_set.split(tuning.holdout) if calib_set else (None, None)
+    inputs = {}
+    if calib_set is not None:
+        inputs = capture_inputs(
+            model, [l for g, _ in to_encode for l in g], train,
+            max_rows=tuning.max_rows, batch_size=tuning.batch_size, seed=config.seed, progress=progress,
+        )
+    jobs: dict[int, WeightJob] = {}
+    # disable=None: tqdm shows the bar only when stderr is a terminal (never in logs or pipes).
+    with tqdm(
+        total=len(to_encode), desc="encoding", unit="weight", disable=None if progress else True, leave=False
+    ) as bar:
+        for group, plan in to_encode:
+            bar.set_postfix_str(group[0].name, refresh=False)
+            layer_inputs = inputs.get(group[0].weight.name) if tuning.data_aware else None
+            jobs[id(group)] = _encode(group, plan, config, layer_inputs)
+            bar.update()
+
+    calibration = None
+    learned_rest: dict[str, np.ndarray] = {}
+    if calib_set is not None:
+        calibration, learned_rest = finetune_jobs(
+            model, list(jobs.values()), train, held, tuning, seed=config.seed, progress=progress
+        )
+        calibration.update(samples=len(calib_set), held_back=len(held) if held else 0,
+                           data_aware=tuning.data_aware)
 
     reports: list[LayerReport] = []
     replacements: list[tuple[Layer, PackedWeight]] = []
-    groups = group_by_weight(layers)
-    # disable=None: tqdm shows the bar only when stderr is a terminal (never in logs or pipes).
-    with tqdm(
-        total=len(groups), desc="encoding", unit="weight", disable=None if progress else True, leave=False
-    ) as bar:
-        for group in groups.values():
-            bar.set_postfix_str(group[0].name, refresh=False)
-            group_reports, packed = _compress_weight(group, _group_plan(group, plan_of), config.seed)
-            reports += group_reports
-            replacements += [(layer, packed) for layer in group] if packed else []
-            bar.update()
+    for (group, plan), rule in zip(planned, rules):
+        job = jobs.get(id(group))
+        packed = _pack(job, plan) if job else None
+        reports += _reports(group, rule, packed, job, inputs.get(group[0].weight.name))
+        replacements += [(layer, packed) for layer in group] if packed else []
 
+    _write_back(model, learned_rest)
     ReplaceWithVQOpsPass(replacements)(model)
     AttachVQFunctionsPass()(model)
     if replacements:
         model.metadata_props[PROVENANCE_KEY] = json.dumps(
-            _provenance(config, reports, original_ir_version), sort_keys=True
+            _provenance(config, reports, original_ir_version, tuning if calib_set else None), sort_keys=True
         )
 
     summary = Summary(
@@ -120,6 +164,7 @@ def compress(
         left_alone=[dataclasses.asdict(l) for l in left_alone],
         total_float_params=total_float_params,
         literature_bytes=_literature_bytes(total_float_params, replacements),
+        calibration=calibration,
     )
     return CompressResult(model, summary)
 
@@ -185,16 +230,25 @@ def _check_compressible(model: ir.Model) -> None:
         )
 
 
-def _compress_weight(
-    group: list[Layer], plan: LayerPlan, seed: int
-) -> tuple[list[LayerReport], PackedWeight | None]:
-    """Encode one weight for all layers that read it; their reports and the packed weight."""
+def _rule(layer: Layer, plan: LayerPlan) -> str:
+    """The plan's rule, or why encoding this layer is pointless."""
+    if not plan.compressed:
+        return plan.rule
+    return _no_smaller_reason(layer, plan) or plan.rule
+
+
+def _reports(
+    group: list[Layer], rule: str, packed: PackedWeight | None, job: WeightJob | None, inputs: LayerInputs | None
+) -> list[LayerReport]:
+    """One report per layer reading the weight (the first one carries the numbers)."""
     first = group[0]
-    packed, sqnr, rule = None, None, plan.rule
-    if plan.compressed:
-        rule = _no_smaller_reason(first, plan) or plan.rule
-        if rule == plan.rule:
-            packed, sqnr = _encode(first, plan, seed)
+    sqnr = output_sqnr = None
+    if packed is not None:
+        weight = first.weight_array().astype(np.float32, copy=False)
+        decoded = packed.decode(transposed=job.layout.transposed)
+        sqnr = sqnr_db(weight, decoded)
+        if inputs is not None:
+            output_sqnr = output_sqnr_db(weight, decoded, job.layout, inputs.hessian)
     reports = []
     for i, layer in enumerate(group):
         report = LayerReport(
@@ -211,9 +265,10 @@ def _compress_weight(
         if packed is not None:
             report.method, report.k, report.d = packed.method, packed.k, packed.d
             report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
-            report.sqnr_db = sqnr
+            report.sqnr_db, report.output_sqnr_db = sqnr, output_sqnr
+            report.finetune = dict(job.finetune_stats) or None
         reports.append(report)
-    return reports, packed
+    return reports
 
 
 def _group_plan(group: list[Layer], plan_of: dict[Layer, LayerPlan]) -> LayerPlan:
@@ -239,7 +294,8 @@ def _no_smaller_reason(layer: Layer, plan: LayerPlan) -> str | None:
     return None
 
 
-def _encode(layer: Layer, plan: LayerPlan, seed: int) -> tuple[PackedWeight, float]:
+def _encode(group: list[Layer], plan: LayerPlan, config: CompressConfig, inputs: LayerInputs | None) -> WeightJob:
+    layer = group[0]
     weight = layer.weight_array()
     if not np.isfinite(weight).all():
         raise OnnxVQError(
@@ -250,17 +306,37 @@ def _encode(layer: Layer, plan: LayerPlan, seed: int) -> tuple[PackedWeight, flo
     transposed, row_axes = layer.view()
     # One seed per weight, independent of layer order, so that a config change on one layer
     # does not reshuffle every other layer.
-    weight_seed = np.random.SeedSequence(seed, spawn_key=(zlib.crc32(layer.weight.name.encode()),))
-    encoded = get_method(plan.method).encode(
-        weight32, transposed=transposed, row_axes=row_axes, params=plan.params, seed=weight_seed
+    weight_seed = np.random.SeedSequence(config.seed, spawn_key=(zlib.crc32(layer.weight.name.encode()),))
+    method = get_method(plan.method)
+    encoded = method.encode(
+        weight32, transposed=transposed, row_axes=row_axes, params=plan.params, seed=weight_seed, inputs=inputs
     )
-    packed = pack(
+
+    def decode(value: Encoded) -> np.ndarray:
+        return _pack_encoded(value, layer, plan).decode(transposed=transposed)
+
+    layout = WeightLayout(layer.weight_shape, transposed, row_axes, plan.params.d)
+    return WeightJob(group=group, method=method, layout=layout, encoded=encoded, decode=decode)
+
+
+def _pack(job: WeightJob, plan: LayerPlan) -> PackedWeight:
+    return _pack_encoded(job.encoded, job.group[0], plan)
+
+
+def _pack_encoded(encoded: Encoded, layer: Layer, plan: LayerPlan) -> PackedWeight:
+    return pack(
         encoded,
         weight_shape=layer.weight_shape,
         weight_dtype=int(layer.weight_dtype),
         codebook_dtype=plan.codebook_dtype,
     )
-    return packed, sqnr_db(weight32, packed.decode(transposed=transposed))
+
+
+def _write_back(model: ir.Model, learned: Mapping[str, np.ndarray]) -> None:
+    """Learned values of non-quantized initializers (``train_rest`` only) into the graph."""
+    for name, array in learned.items():
+        value = model.graph.initializers[name]
+        value.const_value = ir.tensor(array.astype(value.const_value.dtype.numpy()), name=name)
 
 
 def _float_params(model: ir.Model) -> int:
@@ -285,13 +361,16 @@ def _literature_bytes(total_float_params: int, replacements: list[tuple[Layer, P
     return coded + 4.0 * (total_float_params - compressed_params)
 
 
-def _provenance(config: CompressConfig, reports: list[LayerReport], ir_version: int) -> dict:
+def _provenance(
+    config: CompressConfig, reports: list[LayerReport], ir_version: int, tuning: FinetuneSettings | None
+) -> dict:
     from onnxvq import __version__
 
     return {
         "onnxvq_version": __version__,
         "original_ir_version": ir_version,
         "config": config.to_dict(),
+        "calibration": dataclasses.asdict(tuning) if tuning else None,
         "layers": {
             r.name: {"method": r.method, "k": r.k, "d": r.d, "rule": r.rule}
             for r in reports

@@ -67,11 +67,27 @@ def main() -> None:
 @click.option("--codebook-dtype", type=click.Choice(["float16", "float32"]), default=None, help="Codebook storage. [default: float16]")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the summary as JSON here.")
 @click.option("--external-data/--single-file", default=None, help="Force tensors into OUTPUT.data, or into one file. [default: external only over 2 GiB]")
+@click.option("--calib", type=click.Path(), default=None, help="Calibration data: an .npz keyed by input name (samples on axis 0) or a folder of .npz samples.")
+@click.option("--labels", type=click.Path(), default=None, help="Class labels (.npy, or .npz with 'labels') for a task loss.")
+@click.option("--finetune", type=click.Choice(["none", "layer", "e2e"]), default=None, help="Fine-tuning with --calib. [default: layer with --calib]")
+@click.option("--epochs", type=int, default=None, help="Passes over the data (per layer for layer-wise). [default: 10]")
+@click.option("--steps", type=int, default=None, help="Optimizer steps instead of epochs.")
+@click.option("--lr", type=float, default=None, help="Adam learning rate. [default: 1e-3]")
+@click.option("--batch-size", type=int, default=None, help="Calibration samples per step. [default: 32]")
+@click.option("--loss", type=click.Choice(["auto", "kl", "mse"]), default=None, help="e2e distillation loss. [default: auto: kl for class scores]")
+@click.option("--train-rest", is_flag=True, default=None, help="e2e: also train the other float initializers (biases, norms).")
+@click.option("--weight-only", is_flag=True, help="With --calib, encode from weights alone (ablation).")
+@click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @_user_errors
 def compress(model, output, method, k, d, config_path, skip, min_size, seed, codebook_dtype,
-             report_path, external_data, quiet):
-    """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops."""
+             report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
+             train_rest, weight_only, holdout, quiet):
+    """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops.
+
+    With --calib, each layer is encoded to minimise its output error on the calibration data and
+    then fine-tuned (layer-wise by default; --finetune e2e trains through the whole graph).
+    """
     from onnxvq.api import compress as compress_model
     from onnxvq.config import CompressConfig
     from onnxvq.model_io import check_output_path, load_model, model_file_bytes
@@ -84,8 +100,20 @@ def compress(model, output, method, k, d, config_path, skip, min_size, seed, cod
         method=method, k=k, d=d, skip=list(skip) or None, min_size=min_size, seed=seed,
         codebook_dtype=codebook_dtype,
     )
+    tuning = {
+        key: value
+        for key, value in dict(
+            mode=finetune, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, loss=loss,
+            train_rest=train_rest, holdout=holdout, data_aware=False if weight_only else None,
+        ).items()
+        if value is not None
+    }
+    if calib is None and (tuning or labels):
+        raise OnnxVQError("--labels and the fine-tune options need calibration data: add --calib PATH")
     ir_model = load_model(model)
-    result = compress_model(ir_model, config, progress=not quiet)
+    result = compress_model(
+        ir_model, config, calib=calib, labels=labels, finetune=tuning or None, progress=not quiet
+    )
     written = result.save(output, external_data=external_data)
     result.summary.input_file_bytes = model_file_bytes(model, ir_model)
     result.summary.output_file_bytes = sum(os.path.getsize(p) for p in written)

@@ -103,22 +103,34 @@ class WeightLayout:
         padded[:, : self.cols] = matrix
         return padded.reshape(self.rows, self.n_sub, self.d)
 
-    def from_subvectors(self, subvectors: np.ndarray) -> np.ndarray:
-        """``S -> W``: the inverse of :meth:`to_subvectors` (padding dropped)."""
+    def from_subvectors(self, subvectors):
+        """``S -> W``: the inverse of :meth:`to_subvectors` (padding dropped); numpy or torch."""
         matrix = subvectors_to_matrix(subvectors.reshape(self.rows, -1), self.cols)
         return matrix_to_weight(matrix, self.weight_shape, self.transposed)
 
+    def pad_moment(self, moment: np.ndarray) -> np.ndarray:
+        """A (cols, cols) input moment (or its (cols,) diagonal) in subvector coordinates:
+        zero rows and columns for the padding, so padding never counts in an output error."""
+        padded_cols = self.n_sub * self.d
+        if moment.ndim == 1:
+            return np.pad(moment, (0, padded_cols - self.cols))
+        return np.pad(moment, ((0, padded_cols - self.cols),) * 2)
 
-def subvectors_to_matrix(flat_rows: np.ndarray, cols: int) -> np.ndarray:
+
+def subvectors_to_matrix(flat_rows, cols: int):
     """Rows of concatenated subvectors (rows, >= cols) -> ``M`` (rows, cols): drop the padding."""
     return flat_rows[:, :cols]
 
 
-def matrix_to_weight(matrix: np.ndarray, weight_shape, transposed: bool) -> np.ndarray:
-    """``M -> W`` given only what a VQ node records: the weight shape and whether transposed."""
+def matrix_to_weight(matrix, weight_shape, transposed: bool):
+    """``M -> W`` given only what a VQ node records: the weight shape and whether transposed.
+
+    Written with methods numpy arrays and torch tensors share, so the fine-tune bridge rebuilds
+    weights through this same definition.
+    """
     weight_shape = tuple(int(s) for s in weight_shape)
     if transposed:
-        return np.swapaxes(matrix.reshape(_swap_last_two(weight_shape)), -1, -2)
+        return matrix.reshape(_swap_last_two(weight_shape)).swapaxes(-1, -2)
     return matrix.reshape(weight_shape)
 
 

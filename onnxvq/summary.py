@@ -59,6 +59,8 @@ class LayerReport:
     bytes_after: int | None = None
     sqnr_db: float | None = None
     shared_with: str | None = None  # another layer whose weight this one reuses
+    output_sqnr_db: float | None = None  # on the calibration inputs (see onnxvq.tuning)
+    finetune: dict | None = None  # the fine-tune bridge's numbers for this weight
 
     @property
     def ratio(self) -> float | None:
@@ -75,6 +77,8 @@ class Summary:
     literature_bytes: float  # the denominator of the literature convention (see module doc)
     input_file_bytes: int | None = None
     output_file_bytes: int | None = None
+    # With calibration data: samples, held_back, mode (and fallback), quality per stage.
+    calibration: dict | None = None
 
     @property
     def compressed_layers(self) -> list[LayerReport]:
@@ -110,11 +114,17 @@ class Summary:
             item = dataclasses.asdict(layer)
             item["shape"] = list(layer.shape)
             item["ratio"] = layer.ratio
-            if item["sqnr_db"] is not None and not math.isfinite(item["sqnr_db"]):
-                item["sqnr_db"] = str(item["sqnr_db"])
+            for key in ("sqnr_db", "output_sqnr_db"):
+                if item[key] is not None and not math.isfinite(item[key]):
+                    item[key] = str(item[key])
             layers.append(item)
+        calibration = None
+        if self.calibration is not None:
+            calibration = dict(self.calibration)
+            calibration["quality"] = {k: q.to_dict() for k, q in calibration.get("quality", {}).items()}
         return {
             "layers": layers,
+            "calibration": calibration,
             "left_alone": self.left_alone,
             "totals": {
                 "compressed_layers": len(self.compressed_layers),
@@ -131,7 +141,7 @@ class Summary:
 
     def format(self) -> str:
         """A plain-text table for terminals."""
-        header = ("layer", "op", "params", "before", "after", "ratio", "SQNR dB", "k", "d", "note")
+        header = ("layer", "op", "params", "before", "after", "ratio", "SQNR dB", "out dB", "k", "d", "note")
         rows = []
         for l in self.layers:
             if l.compressed:
@@ -141,14 +151,15 @@ class Summary:
                     format_bytes(l.bytes_after) if not l.shared_with else "-",
                     f"{l.ratio:.1f}x" if l.ratio and not l.shared_with else "-",
                     f"{l.sqnr_db:.2f}" if l.sqnr_db is not None else "-",
+                    f"{l.output_sqnr_db:.2f}" if l.output_sqnr_db is not None else "-",
                     str(l.k), str(l.d), note,
                 ))
             else:
                 rows.append((
-                    l.name, l.op_type, f"{l.params:,}", format_bytes(l.bytes_before), "dense", "-", "-",
+                    l.name, l.op_type, f"{l.params:,}", format_bytes(l.bytes_before), "dense", "-", "-", "-",
                     "-", "-", f"dense: {l.rule}",
                 ))
-        lines = format_table(header, rows)
+        lines = format_table(header, rows, left=(0, 1, 10))
         lines.append("")
         n = len(self.compressed_layers)
         if n:
@@ -167,7 +178,23 @@ class Summary:
             )
         if self.left_alone:
             lines.append(f"{len(self.left_alone)} Conv/Gemm/MatMul node(s) left alone (see `onnxvq inspect`)")
+        lines += self._calibration_lines()
         return "\n".join(lines)
+
+    def _calibration_lines(self) -> list[str]:
+        if self.calibration is None:
+            return []
+        c = self.calibration
+        held = f"{c['held_back']} held back for quality" if c.get("held_back") else "quality on the training samples"
+        lines = [
+            f"calibration: {c['samples']} sample(s), {held}; "
+            f"{'data-aware' if c.get('data_aware') else 'weight-only'} encoding; fine-tune: {c['mode']}"
+        ]
+        if c.get("fallback"):
+            lines.append(f"note: {c['fallback']}")
+        for stage, quality in c.get("quality", {}).items():
+            lines.append(f"  {stage + ':':<12} {quality.format()}")
+        return lines
 
 
 def format_bytes(n: int | float | None) -> str:
@@ -180,9 +207,10 @@ def format_bytes(n: int | float | None) -> str:
     return f"{n:.1f} GiB"
 
 
-def format_table(header: tuple, rows: list[tuple]) -> list[str]:
+def format_table(header: tuple, rows: list[tuple], left: tuple[int, ...] = (0, 1, 9)) -> list[str]:
+    """Columns padded to their widest cell; the ``left`` columns left-aligned, numbers right."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:{'<' if i in (0, 1, 9) else '>'}{w}}}" for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:{'<' if i in left else '>'}{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in rows]
     return lines

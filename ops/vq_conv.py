@@ -17,7 +17,7 @@ from onnx.reference.ops.op_conv import _conv_implementation
 
 from onnxvq.ops import vq_weight
 
-__all__ = ["CASES", "CONSUMER", "OP_TYPE", "VQConv", "decode", "function", "weight_view"]
+__all__ = ["CASES", "CONSUMER", "OP_TYPE", "input_vectors", "VQConv", "decode", "function", "weight_view"]
 
 OP_TYPE = "VQConv"
 CONSUMER = "Conv"
@@ -30,6 +30,51 @@ def weight_view(weight_shape, attributes: dict) -> tuple[bool, int]:
     """(transposed, row_axes) of ``onnxvq.layout`` for this consumer: rows are output channels."""
     return False, 1
 
+
+def input_vectors(x: np.ndarray, weight_shape, attributes: dict, select) -> np.ndarray:
+    """The patches each output channel's kernel dots with (im2col), honouring pads/auto_pad,
+    strides, dilations and groups.
+
+    ``select(total)`` picks which of the ``total`` = N x output positions to extract (only those
+    are copied, so large feature maps cost nothing extra). Returns (n, group, I/g * k1 * ... * kn):
+    group ``j``'s patch is what output channels ``j*O/g .. (j+1)*O/g - 1`` see, flattened in the
+    weight's own (I/g, k1, ..., kn) order.
+    """
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    spatial = len(kernel)
+    group = int(attributes.get("group", 1))
+    strides = list(attributes.get("strides") or [1] * spatial)
+    dilations = list(attributes.get("dilations") or [1] * spatial)
+    extent = [(k - 1) * dl + 1 for k, dl in zip(kernel, dilations)]
+    pads = _pads(x.shape[2:], extent, strides, attributes)
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, extent, axis=tuple(range(2, 2 + spatial)))
+    # windows: (N, C, P1, .., Pn, E1, .., En) -> stride the positions, dilate the kernel taps
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+    index += tuple(slice(None, None, dl) for dl in dilations)
+    windows = windows[index]
+    out_shape = (windows.shape[0],) + windows.shape[2 : 2 + spatial]
+    chosen = np.unravel_index(select(int(np.prod(out_shape))), out_shape)
+    patches = windows[(chosen[0], slice(None)) + tuple(chosen[1:])]  # (n, C, k1, .., kn)
+    return patches.reshape(len(chosen[0]), group, -1)
+
+
+def _pads(in_spatial, extent, strides, attributes) -> list[int]:
+    """Begin pads then end pads, as Conv computes them (explicit ``pads`` or ``auto_pad``)."""
+    spatial = len(extent)
+    auto_pad = attributes.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, e, s in zip(in_spatial, extent, strides):
+            total = max((-(-size // s) - 1) * s + e - size, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        return begin + end
+    if auto_pad == "VALID":
+        return [0] * (2 * spatial)
+    return list(attributes.get("pads") or [0] * (2 * spatial))
 
 def is_transposed(attributes: dict) -> bool:
     return False

@@ -18,7 +18,7 @@ from onnx.reference.ops.op_gemm import Gemm_7
 
 from onnxvq.ops import vq_weight
 
-__all__ = ["CASES", "CONSUMER", "OP_TYPE", "VQGemm", "decode", "function", "weight_view"]
+__all__ = ["CASES", "CONSUMER", "OP_TYPE", "input_vectors", "VQGemm", "decode", "function", "weight_view"]
 
 OP_TYPE = "VQGemm"
 CONSUMER = "Gemm"
@@ -34,6 +34,15 @@ def weight_view(weight_shape, attributes: dict) -> tuple[bool, int]:
     """(transposed, row_axes) of ``onnxvq.layout``: rows are the N outputs."""
     return is_transposed(attributes), 1
 
+
+def input_vectors(x: np.ndarray, weight_shape, attributes: dict, select) -> np.ndarray:
+    """The vectors each output row's weights dot with: the rows of ``A'`` (A, or A.T if transA).
+
+    ``select(total)`` picks which of the ``total`` vectors to return (an index array). Returns
+    (n, 1, K): one group (see ``vq_conv.input_vectors`` for grouped layers).
+    """
+    a = x.T if attributes.get("transA", 0) else x
+    return a[select(a.shape[0])][:, None, :]
 
 def decode(codes: np.ndarray, codebook: np.ndarray, **attributes) -> np.ndarray:
     """The dense B this node stands for."""

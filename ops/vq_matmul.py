@@ -18,7 +18,7 @@ from onnx.reference.op_run import OpRun
 
 from onnxvq.ops import vq_weight
 
-__all__ = ["CASES", "CONSUMER", "OP_TYPE", "VQMatMul", "decode", "function", "weight_view"]
+__all__ = ["CASES", "CONSUMER", "OP_TYPE", "input_vectors", "VQMatMul", "decode", "function", "weight_view"]
 
 OP_TYPE = "VQMatMul"
 CONSUMER = "MatMul"
@@ -34,6 +34,19 @@ def weight_view(weight_shape, attributes: dict) -> tuple[bool, int]:
     """(transposed, row_axes) of ``onnxvq.layout``: rows are the outputs of every batch entry."""
     return is_transposed(attributes), len(weight_shape) - 1
 
+
+def input_vectors(x: np.ndarray, weight_shape, attributes: dict, select) -> np.ndarray:
+    """The vectors each output row's weights dot with: ``X``'s rows of length K (``X @ W``) or its
+    columns (``W @ X``), over every batch entry. Only 2-D weights (one matrix shared by the batch).
+
+    ``select(total)`` picks which of the ``total`` vectors to return. Returns (n, 1, K).
+    """
+    if len(weight_shape) != 2:
+        raise ValueError("input vectors of a batched (rank > 2) MatMul weight differ per batch entry")
+    k = weight_shape[1] if attributes.get("weight_left", 0) else weight_shape[0]
+    vectors = np.swapaxes(x, -1, -2) if attributes.get("weight_left", 0) else x
+    vectors = vectors.reshape(-1, k)
+    return vectors[select(vectors.shape[0])][:, None, :]
 
 def decode(codes: np.ndarray, codebook: np.ndarray, **attributes) -> np.ndarray:
     """The dense W this node stands for."""

@@ -5,6 +5,9 @@ codebook, and per method extra tensors and attributes. It sees the weight throug
 layout of :mod:`onnxvq.layout` (given as ``transposed`` and ``row_axes``), never through graph
 details, so no pass, CLI or config code branches on method names: they only look methods up in
 the registry (:mod:`onnxvq.methods`) by their CLI name.
+
+Each method also supplies its trainable torch module (:meth:`Method.trainable`) for the fine-tune
+bridge, which trains and writes back through that module alone, never branching on the method.
 """
 
 from __future__ import annotations
@@ -13,9 +16,16 @@ import abc
 import dataclasses
 from typing import ClassVar
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from onnxvq.layout import WeightLayout
 from onnxvq.ops.codes import MAX_K
+
+if TYPE_CHECKING:  # torch stays unimported until fine-tuning
+    from onnxvq.activations import LayerInputs
+    from onnxvq.finetune.trainable import TrainableWeight
 
 __all__ = ["Encoded", "Method", "MethodParams"]
 
@@ -89,5 +99,16 @@ class Method(abc.ABC):
         row_axes: int,
         params: MethodParams,
         seed: np.random.SeedSequence,
+        inputs: LayerInputs | None = None,
     ) -> Encoded:
-        """Encode ``weight`` (float32, any rank >= 2) seen through ``onnxvq.layout``."""
+        """Encode ``weight`` (float32, any rank >= 2) seen through ``onnxvq.layout``.
+
+        With ``inputs`` (calibration statistics of what the weight multiplies, see
+        :mod:`onnxvq.activations`), minimise the layer's output error on that data instead of
+        its weight error.
+        """
+
+    @abc.abstractmethod
+    def trainable(self, encoded: Encoded, layout: WeightLayout) -> TrainableWeight:
+        """A torch module (see :class:`onnxvq.finetune.trainable.TrainableWeight`) whose
+        parameters are this method's tensors, for the fine-tune bridge. Imports torch lazily."""

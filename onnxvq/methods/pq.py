@@ -5,6 +5,12 @@ clustered by k-means into a k x d codebook ``C``, each subvector storing the ind
 codeword (Stock et al. 2020, "And the bit goes down"; Martinez et al. 2021, PQF, use the same
 weight-space objective before fine-tuning). k is capped by the layer's number of subvectors.
 Padding entries of the last subvector of a row (d not dividing it) are ignored by k-means.
+
+With calibration inputs (data-aware encoding, "And the bit goes down"), the weight-space
+k-means result is the start of a search that minimises the layer's *output* error
+``sum_r (m^_r - m_r)' H (m^_r - m_r)``, ``H = E[x x']``: activation-weighted Lloyd iterations
+(block-diagonal H) and then a least-squares codebook for the fixed codes under the full H
+(:mod:`onnxvq.weighted_kmeans`). Each step never increases that error.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from onnxvq.kmeans import kmeans
+from onnxvq.weighted_kmeans import refit_codebook, weighted_kmeans
 from onnxvq.layout import WeightLayout
 from onnxvq.methods.base import Encoded, Method, MethodParams
 
@@ -48,7 +55,7 @@ class PQ(Method):
     name = "pq"
     Params = PQParams
 
-    def encode(self, weight, *, transposed, row_axes, params, seed) -> Encoded:
+    def encode(self, weight, *, transposed, row_axes, params, seed, inputs=None) -> Encoded:
         layout = WeightLayout(tuple(weight.shape), transposed, row_axes, params.d)
         subvectors = layout.to_subvectors(weight)  # (rows, n_sub, d)
         points = subvectors.reshape(-1, params.d)
@@ -66,9 +73,17 @@ class PQ(Method):
             partial=partial,
             tail=layout.tail,
         )
-        return Encoded(
-            method=self.name,
-            codes=result.codes.reshape(layout.rows, layout.n_sub),
-            codebook=result.codebook,
-            stats={"kmeans_iterations": result.iterations},
-        )
+        codes, codebook = result.codes.reshape(layout.rows, layout.n_sub), result.codebook
+        stats = {"kmeans_iterations": result.iterations}
+        if inputs is not None:
+            hessian = layout.pad_moment(inputs.hessian)
+            weighted = weighted_kmeans(subvectors, hessian, codebook, max_iter=params.max_iter)
+            codes = weighted.codes.reshape(layout.rows, layout.n_sub)
+            codebook = refit_codebook(subvectors, codes, weighted.codebook, hessian)
+            stats["weighted_iterations"] = weighted.iterations
+        return Encoded(method=self.name, codes=codes, codebook=codebook, stats=stats)
+
+    def trainable(self, encoded, layout):
+        from onnxvq.methods.pq_trainable import PQWeight
+
+        return PQWeight(encoded, layout)

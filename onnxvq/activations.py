@@ -1,0 +1,242 @@
+"""Capture what each layer's weight sees: input second moments and sampled input vectors.
+
+For a layer ``y = M x`` (M: rows x cols in the layout of :mod:`onnxvq.layout`; ``x`` a row of
+Gemm's A, a MatMul row/column, or a Conv patch, see each op module's ``input_vectors``), the
+output error of a quantized ``M^`` on the calibration data is
+
+    E = mean over x of ||M x_o - M^ x_q||^2
+      = sum_r  m^_r' H m^_r  -  2 m^_r' G m_r  +  m_r' H_o m_r,
+    H = E[x_q x_q'],  G = E[x_q x_o'],  H_o = E[x_o x_o'],
+
+where ``x_o`` is the input in the original model and ``x_q`` the input at the same position in
+a model whose earlier layers are already quantized (``x_q = x_o``, so ``G = H``, when capturing
+from the original alone). Grouped convolutions average the moments over their groups.
+
+The model runs in onnxruntime with each layer's activation added as a graph output. Memory is
+bounded whatever the data size: per batch and layer at most ``positions_per_batch`` vectors are
+drawn (at random, seeded) to accumulate the moments, and at most ``max_rows`` vectors per layer
+are kept for layer-wise training. Moments are float64 ``cols x cols``; over ``FULL_MOMENT_COLS``
+columns only their diagonal is kept.
+
+Layers that cannot be captured (inside an If/Loop/Scan body, or a batched MatMul weight whose
+inputs differ per batch entry) are absent from the result; they are encoded from weights alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxvq import ops
+from onnxvq.calibration import CalibrationSet
+from onnxvq.candidates import Layer
+
+__all__ = ["FULL_MOMENT_COLS", "LayerInputs", "capturable", "capture_inputs", "run_model"]
+
+FULL_MOMENT_COLS = 8192
+
+
+@dataclasses.dataclass
+class LayerInputs:
+    """What one weight saw on the calibration data (summed over the layers sharing it).
+
+    Attributes:
+        hessian: ``H = E[x_q x_q']`` (cols, cols) float64, or its diagonal (cols,).
+        cross: ``G = E[x_q x_o']``, same form; None when captured from the original model alone.
+        inputs: sampled ``x_q`` (n, groups, cols) float32.
+        reference_inputs: ``x_o`` at the same positions; None when equal to ``inputs``.
+        count: vectors the moments average over.
+    """
+
+    hessian: np.ndarray
+    cross: np.ndarray | None
+    inputs: np.ndarray
+    reference_inputs: np.ndarray | None
+    count: int
+
+
+def capturable(layer: Layer, model: ir.Model) -> str | None:
+    """Why ``layer``'s inputs cannot be captured, or None when they can."""
+    if layer.node.graph is not model.graph:
+        return "inside a control-flow body"
+    if layer.op_type == "MatMul" and len(layer.weight_shape) != 2:
+        return "batched MatMul weight"
+    return None
+
+
+def capture_inputs(
+    model: ir.Model,
+    layers: list[Layer],
+    calib: CalibrationSet,
+    *,
+    quantized: Mapping[str, np.ndarray] | None = None,
+    max_rows: int = 4096,
+    positions_per_batch: int = 4096,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, LayerInputs]:
+    """Moments and sampled inputs of ``layers``' weights, keyed by weight name.
+
+    With ``quantized`` (weight name -> dense decoded weight), ``x_q`` comes from the model with
+    those weights swapped in and ``cross``/``reference_inputs`` pair it with the original's
+    ``x_o``; without, only the original runs.
+    """
+    from tqdm.auto import tqdm
+
+    layers = [l for l in layers if capturable(l, model) is None]
+    if not layers:
+        return {}
+    taps = _tap_names(layers)
+    original = _TapSession(model, taps, None)
+    swapped = _TapSession(model, taps, quantized) if quantized else None
+    batches = list(calib.batches(batch_size))
+    keep_per_batch = max(1, -(-max_rows // len(batches)))
+    rng = np.random.default_rng(seed)
+    accumulators = {l.weight.name: _Accumulator(paired=swapped is not None) for l in layers}
+    for _, feed, _ in tqdm(batches, desc="capturing", unit="batch", disable=None if progress else True, leave=False):
+        acts_o = original.run(feed)
+        acts_q = swapped.run(feed) if swapped else acts_o
+        for layer in layers:
+            x_name = taps[layer.name]
+            attrs = {k: a.value for k, a in layer.node.attributes.items()}
+            if layer.op_type == "MatMul":
+                attrs = {"weight_left": int(layer.weight_left)}
+            module = ops.op_for_consumer(layer.op_type)
+            chosen: list[np.ndarray] = []
+
+            def select(total: int) -> np.ndarray:
+                if not chosen:
+                    n = min(total, positions_per_batch)
+                    chosen.append(np.sort(rng.choice(total, n, replace=False)) if n < total else np.arange(total))
+                return chosen[0]
+
+            x_o = module.input_vectors(acts_o[x_name], layer.weight_shape, attrs, select)
+            x_q = module.input_vectors(acts_q[x_name], layer.weight_shape, attrs, select) if swapped else x_o
+            accumulators[layer.weight.name].add(x_q, x_o, rng.permutation(len(x_q))[:keep_per_batch])
+        del acts_o, acts_q
+    return {name: acc.result(max_rows) for name, acc in accumulators.items()}
+
+
+def run_model(model: ir.Model, calib: CalibrationSet, *, quantized: Mapping[str, np.ndarray] | None = None,
+              batch_size: int = 16) -> list[list[np.ndarray]]:
+    """The graph outputs of ``model`` (with ``quantized`` weights swapped in) on every sample, in
+    calibration order: ``[sample][output]``."""
+    session = _TapSession(model, {}, quantized)
+    return [session.run_outputs(feed) for feed in calib.samples]
+
+
+class _Accumulator:
+    """Running sums of ``x_q x_q'`` (and ``x_q x_o'``) and a bounded sample of the vectors."""
+
+    def __init__(self, paired: bool):
+        self.paired = paired
+        self.h = self.g = None
+        self.count = 0
+        self.kept_q: list[np.ndarray] = []
+        self.kept_o: list[np.ndarray] = []
+
+    def add(self, x_q: np.ndarray, x_o: np.ndarray, keep: np.ndarray) -> None:
+        n, groups, cols = x_q.shape
+        q = np.ascontiguousarray(x_q, np.float32).reshape(n * groups, cols)
+        o = np.ascontiguousarray(x_o, np.float32).reshape(n * groups, cols) if self.paired else q
+        if cols > FULL_MOMENT_COLS:
+            h = np.einsum("ij,ij->j", q, q, dtype=np.float64)
+            g = np.einsum("ij,ij->j", q, o, dtype=np.float64) if self.paired else None
+        else:  # float32 GEMM (fast), accumulated in float64 across batches
+            h = (q.T @ q).astype(np.float64)
+            g = (q.T @ o).astype(np.float64) if self.paired else None
+        self.h = h if self.h is None else self.h + h
+        if self.paired:
+            self.g = g if self.g is None else self.g + g
+        self.count += n * groups
+        # Groups of one position count as separate vectors for the moments; the kept rows stay
+        # whole positions, since a grouped layer's outputs read all of a position's groups.
+        self.kept_q.append(np.array(x_q[keep], np.float32))
+        if self.paired:
+            self.kept_o.append(np.array(x_o[keep], np.float32))
+
+    def result(self, max_rows: int) -> LayerInputs:
+        inputs = np.concatenate(self.kept_q)[:max_rows]
+        reference = np.concatenate(self.kept_o)[:max_rows] if self.paired else None
+        return LayerInputs(
+            hessian=self.h / self.count,
+            cross=self.g / self.count if self.paired else None,
+            inputs=inputs,
+            reference_inputs=reference,
+            count=self.count,
+        )
+
+
+def _tap_names(layers: list[Layer]) -> dict[str, str]:
+    """Layer name -> name of its activation input."""
+    taps = {}
+    for layer in layers:
+        index = 1 - layer.weight_index if layer.op_type == "MatMul" else 0
+        taps[layer.name] = layer.node.inputs[index].name
+    return taps
+
+
+class _TapSession:
+    """An onnxruntime session of ``model`` (weights optionally swapped) that also returns the
+    named intermediate values."""
+
+    def __init__(self, model: ir.Model, taps: Mapping[str, str], quantized: Mapping[str, np.ndarray] | None):
+        from onnxvq.model_io import save_model
+
+        tapped = model.clone()
+        graph = tapped.graph
+        values = _values_by_name(graph)
+        outputs = {v.name for v in graph.outputs}
+        inputs = {v.name for v in graph.inputs}
+        self.n_outputs = len(graph.outputs)
+        for name in dict.fromkeys(taps.values()):
+            if name not in outputs and name not in inputs:
+                graph.outputs.append(values[name])
+                outputs.add(name)
+        for name, array in (quantized or {}).items():
+            _swap_weight(values[name], array)
+        self.output_names = [v.name for v in graph.outputs]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # Saved to a file (external data when large): a proto over 2 GiB cannot be serialised.
+        with tempfile.TemporaryDirectory(prefix="onnxvq-") as folder:
+            path = Path(folder) / "tapped.onnx"
+            save_model(tapped, path)
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
+        results.update(feed)
+        return results
+
+    def run_outputs(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.output_names[: self.n_outputs], dict(feed))
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs}
+    values.update(graph.initializers)
+    for node in graph:
+        for v in node.outputs:
+            values[v.name] = v
+    return values
+
+
+def _swap_weight(value: ir.Value, array: np.ndarray) -> None:
+    """Give a weight (initializer or Constant output) a new tensor, in the clone only."""
+    tensor = ir.tensor(np.asarray(array))
+    if value.is_initializer():
+        value.const_value = tensor
+        return
+    producer = value.producer()
+    producer.attributes["value"] = ir.AttrTensor("value", tensor)
+    for key in [k for k in producer.attributes if k != "value"]:
+        del producer.attributes[key]

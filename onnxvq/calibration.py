@@ -1,0 +1,312 @@
+"""Calibration data: loading, checking against the model's inputs, batching.
+
+A *sample* is one feed dict (graph input name -> array shaped as the model takes it, batch axis
+included). Three sources give samples:
+
+* one ``.npz`` file whose arrays are keyed by graph input name, samples stacked on the first
+  axis. An array with one more dimension than the input gives one feed per entry (``arr[i]``);
+  an array of the input's own rank is cut along its first (batch) axis (``arr[i:i+1]``);
+* a folder of ``.npz`` files, one sample each, any shapes (variable image widths, recurrent state
+  inputs), read in sorted file-name order;
+* (Python API) any iterable of feed dicts.
+
+Labels are optional integer class labels, one per batch row, for a task loss on the first output:
+a ``labels`` array in the ``.npz`` file(s), a ``labels`` key in a feed dict, or a separate file
+(``--labels``: ``.npy``, or ``.npz`` with a ``labels`` array).
+
+Samples whose inputs all have a symbolic first dimension can be concatenated along it into
+batches; other models run one sample at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxvq.errors import OnnxVQError
+
+__all__ = ["CalibrationSet", "LABELS_KEY", "load_calibration"]
+
+LABELS_KEY = "labels"
+CalibrationSource = str | os.PathLike | Iterable[Mapping[str, np.ndarray]]
+
+
+@dataclasses.dataclass
+class CalibrationSet:
+    """Checked calibration samples of one model.
+
+    Attributes:
+        samples: feed dicts, each with the model's batch axis.
+        labels: per sample, the (batch,) int64 class labels, or None when there are none.
+        batchable: whether samples of equal shapes may be concatenated along the first axis.
+    """
+
+    samples: list[dict[str, np.ndarray]]
+    labels: list[np.ndarray] | None
+    batchable: bool
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def rows(self) -> int:
+        """Batch rows over all samples (what a top-1 agreement is counted over)."""
+        return sum(_batch_rows(s) for s in self.samples)
+
+    def split(self, holdout: float) -> tuple[CalibrationSet, CalibrationSet | None]:
+        """(train, held back): the last ``round(holdout * n)`` samples are held back, none when
+        fewer than 10 samples (then the quality summary is measured on the training samples)."""
+        n_held = int(round(holdout * len(self))) if len(self) >= 10 else 0
+        if n_held == 0:
+            return self, None
+        cut = len(self) - n_held
+        part = lambda a, b: CalibrationSet(  # noqa: E731
+            self.samples[a:b], self.labels[a:b] if self.labels else None, self.batchable
+        )
+        return part(0, cut), part(cut, len(self))
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None = None):
+        """Yield ``(sample indices, feed, labels or None)``: samples concatenated up to
+        ``batch_size`` rows.
+
+        Only samples with identical input shapes are joined. With ``rng`` the order of samples
+        (and so of batches) is shuffled.
+        """
+        order = np.arange(len(self)) if rng is None else rng.permutation(len(self))
+        if not self.batchable:
+            for i in order:
+                yield self._join([int(i)])
+            return
+        pending: dict[tuple, list[int]] = {}
+        for i in order:
+            key = tuple((name, a.shape[1:]) for name, a in sorted(self.samples[i].items()))
+            group = pending.setdefault(key, [])
+            group.append(int(i))
+            if sum(_batch_rows(self.samples[j]) for j in group) >= batch_size:
+                yield self._join(group)
+                pending[key] = []
+        for group in pending.values():
+            if group:
+                yield self._join(group)
+
+    def _join(self, indices: list[int]):
+        if len(indices) == 1:
+            i = indices[0]
+            return indices, self.samples[i], self.labels[i] if self.labels else None
+        feed = {
+            name: np.concatenate([self.samples[i][name] for i in indices])
+            for name in self.samples[indices[0]]
+        }
+        labels = np.concatenate([self.labels[i] for i in indices]) if self.labels else None
+        return indices, feed, labels
+
+
+def load_calibration(
+    source: CalibrationSource | CalibrationSet,
+    model: ir.Model,
+    *,
+    labels: str | os.PathLike | np.ndarray | None = None,
+) -> CalibrationSet:
+    """Read and check calibration samples for ``model``.
+
+    Raises :class:`OnnxVQError` naming the problem for a missing or unknown input, a wrong
+    dtype, rank or fixed dimension, non-finite values, mismatched labels, or no samples at all.
+
+    Example::
+
+        >>> np.savez("calib.npz", image=images)  # doctest: +SKIP
+        >>> calib = load_calibration("calib.npz", model)  # doctest: +SKIP
+    """
+    if isinstance(source, CalibrationSet):
+        return source
+    inputs = _graph_inputs(model)
+    where = str(source) if isinstance(source, (str, os.PathLike)) else "the calibration data"
+    samples, sample_labels = _read(source, inputs)
+    if not samples:
+        raise OnnxVQError(f"no calibration samples in {where}; give at least one")
+    for i, sample in enumerate(samples):
+        _check_sample(sample, inputs, f"{where}, sample {i}")
+
+    if labels is not None:
+        if any(l is not None for l in sample_labels):
+            raise OnnxVQError(f"{where} already holds labels; drop --labels or the 'labels' arrays")
+        sample_labels = _split_labels(_read_labels(labels), samples)
+    if any(l is not None for l in sample_labels):
+        if any(l is None for l in sample_labels):
+            raise OnnxVQError(f"only some samples of {where} have labels; give labels for all or none")
+        for i, (sample, lab) in enumerate(zip(samples, sample_labels)):
+            _check_labels(lab, sample, f"{where}, sample {i}")
+        checked_labels = [np.asarray(l, np.int64).reshape(-1) for l in sample_labels]
+    else:
+        checked_labels = None
+    batchable = all(v.shape is not None and len(v.shape) > 0 and _is_symbolic(v.shape[0]) for v in inputs.values())
+    return CalibrationSet(samples, checked_labels, batchable)
+
+
+def _graph_inputs(model: ir.Model) -> dict[str, ir.Value]:
+    initializers = set(model.graph.initializers)
+    return {v.name: v for v in model.graph.inputs if v.name not in initializers}
+
+
+def _read(source, inputs: Mapping[str, ir.Value]) -> tuple[list[dict], list]:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(path.glob("*.npz"))
+            if not files:
+                raise OnnxVQError(f"calibration folder {path} has no .npz files")
+            pairs = [_pop_labels(_read_npz(f)) for f in files]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
+        if not path.exists():
+            raise OnnxVQError(f"calibration data {path} does not exist")
+        arrays, stacked_labels = _pop_labels(_read_npz(path))
+        return _unstack(arrays, stacked_labels, inputs, path)
+    if isinstance(source, Mapping):
+        raise OnnxVQError("calibration data given as one dict: pass a list of feed dicts (one per sample)")
+    try:
+        feeds = list(source)
+    except TypeError:
+        raise OnnxVQError(
+            f"calibration data must be a .npz path, a folder of .npz files or an iterable of feed "
+            f"dicts, got {type(source).__name__}"
+        ) from None
+    pairs = []
+    for i, feed in enumerate(feeds):
+        if not isinstance(feed, Mapping):
+            raise OnnxVQError(f"calibration sample {i} is a {type(feed).__name__}, not a dict of arrays")
+        pairs.append(_pop_labels({str(k): np.asarray(v) for k, v in feed.items()}))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise OnnxVQError(f"cannot read calibration file {path} ({e}); expected an .npz from numpy.savez") from None
+
+
+def _pop_labels(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    labels = arrays.pop(LABELS_KEY, None)
+    return arrays, labels
+
+
+def _unstack(arrays, stacked_labels, inputs, path) -> tuple[list[dict], list]:
+    """One .npz with samples stacked on the first axis -> per-sample feeds (and labels)."""
+    counts = {}
+    views = {}
+    for name, array in arrays.items():
+        value = inputs.get(name)
+        rank = len(value.shape) if value is not None and value.shape is not None else array.ndim
+        if array.ndim == rank + 1:
+            views[name] = lambda a, i: a[i]
+        else:  # the model's own first axis is the sample axis
+            views[name] = lambda a, i: a[i : i + 1]
+        if array.ndim == 0:
+            raise OnnxVQError(f"calibration array {name!r} in {path} is a scalar; stack samples on the first axis")
+        counts[name] = array.shape[0]
+    if len(set(counts.values())) > 1:
+        raise OnnxVQError(
+            f"calibration arrays in {path} hold different numbers of samples "
+            f"({', '.join(f'{n}: {c}' for n, c in counts.items())}); stack the same samples in each"
+        )
+    n = next(iter(counts.values()), 0)
+    samples = [{name: views[name](a, i) for name, a in arrays.items()} for i in range(n)]
+    if stacked_labels is None:
+        return samples, [None] * n
+    return samples, _split_labels(stacked_labels, samples)
+
+
+def _read_labels(labels) -> np.ndarray:
+    if isinstance(labels, np.ndarray):
+        return labels
+    path = Path(labels)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                if LABELS_KEY not in data.files:
+                    raise OnnxVQError(f"labels file {path} has no 'labels' array (it has {', '.join(data.files)})")
+                return data[LABELS_KEY]
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise OnnxVQError(f"cannot read labels file {path} ({e}); expected .npy or .npz") from None
+
+
+def _split_labels(labels: np.ndarray, samples: list[dict]) -> list[np.ndarray]:
+    """One array of labels for all samples -> per sample, as many as its batch rows."""
+    labels = np.asarray(labels).reshape(-1)
+    sizes = [_batch_rows(s) for s in samples]
+    if len(labels) != sum(sizes):
+        raise OnnxVQError(
+            f"{len(labels)} labels for {sum(sizes)} calibration rows; give one integer label per row"
+        )
+    return np.split(labels, np.cumsum(sizes)[:-1])
+
+
+def _check_labels(labels: np.ndarray, sample: dict, where: str) -> None:
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise OnnxVQError(f"labels of {where} are {labels.dtype}; labels must be integer class indices")
+    if labels.size != _batch_rows(sample):
+        raise OnnxVQError(f"{where} has {_batch_rows(sample)} rows but {labels.size} labels")
+    if labels.size and labels.min() < 0:
+        raise OnnxVQError(f"labels of {where} contain negative values; labels must be class indices >= 0")
+
+
+def _check_sample(sample: dict, inputs: Mapping[str, ir.Value], where: str) -> None:
+    missing = [name for name in inputs if name not in sample]
+    if missing:
+        raise OnnxVQError(
+            f"{where} has no array for model input(s) {', '.join(map(repr, missing))} "
+            f"(model inputs: {', '.join(inputs)})"
+        )
+    unknown = [name for name in sample if name not in inputs]
+    if unknown:
+        raise OnnxVQError(
+            f"{where} has array(s) {', '.join(map(repr, unknown))} that are not model inputs "
+            f"(model inputs: {', '.join(inputs)}; labels go in an array named 'labels')"
+        )
+    for name, value in inputs.items():
+        array = sample[name]
+        expected = value.dtype.numpy() if value.dtype is not None else None
+        if expected is not None and array.dtype != expected:
+            raise OnnxVQError(
+                f"{where}: input {name!r} is {array.dtype} but the model expects {np.dtype(expected)}; "
+                f"convert it (e.g. array.astype(np.{np.dtype(expected)}))"
+            )
+        shape = value.shape
+        if shape is None:
+            continue
+        if array.ndim != len(shape):
+            raise OnnxVQError(
+                f"{where}: input {name!r} has shape {array.shape} but the model expects rank "
+                f"{len(shape)} ({_format_shape(shape)})"
+            )
+        for axis, (got, want) in enumerate(zip(array.shape, shape)):
+            if isinstance(want, int) and got != want:
+                raise OnnxVQError(
+                    f"{where}: input {name!r} has shape {array.shape} but the model expects "
+                    f"{_format_shape(shape)} (axis {axis} must be {want})"
+                )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise OnnxVQError(f"{where}: input {name!r} contains NaN or Inf")
+
+
+def _batch_rows(sample: dict) -> int:
+    first = next(iter(sample.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _is_symbolic(dim) -> bool:
+    return not isinstance(dim, int)
+
+
+def _format_shape(shape) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in shape) + ")"

@@ -1,0 +1,1 @@
+"""The torch fine-tune bridge (imports torch; never imported by `import onnxvq`)."""

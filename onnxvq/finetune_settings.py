@@ -1,0 +1,107 @@
+"""Settings of calibration and fine-tuning (no torch here: the API and CLI build these).
+
+Fine-tuning modes (``mode``):
+
+* ``none``: encode only (data-aware when calibration data is given);
+* ``layer``: each encoded layer is trained in torch to reproduce the original layer's outputs on
+  captured inputs, where the inputs come from the model whose earlier layers are already
+  quantized (works on any graph: only the quantized layers are rebuilt in torch);
+* ``e2e``: the whole graph runs in torch (:mod:`onnxvq.finetune.torch_graph`), the quantized
+  layers are trained to match the original model's outputs (distillation) plus the task loss when
+  labels are given. A graph with an op the executor cannot run falls back to ``layer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from onnxvq.errors import OnnxVQError
+
+__all__ = ["FINETUNE_MODES", "LOSSES", "FinetuneSettings"]
+
+FINETUNE_MODES = ("none", "layer", "e2e")
+LOSSES = ("auto", "kl", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """How calibration data is used.
+
+    Attributes:
+        mode: ``none``, ``layer`` or ``e2e`` (see the module docstring).
+        epochs: passes over the data: over each layer's captured input rows (``layer``) or over
+            the calibration samples (``e2e``).
+        steps: optimizer steps instead of epochs (per layer for ``layer``, in all for ``e2e``).
+        lr: Adam learning rate.
+        batch_size: calibration samples per step (``e2e``) and per capture batch.
+        loss: distillation loss for ``e2e``: ``kl`` on softmax outputs, ``mse``, or ``auto``
+            (``kl`` for a 2-D float output with more than one column, the logits of a
+            classifier; ``mse`` otherwise).
+        train_rest: ``e2e`` only: also train the model's other float initializers (biases,
+            norms); they are written back into the graph. Off by default: every tensor that is
+            not quantized stays bit-identical.
+        data_aware: encode with activation statistics (weighted k-means + least-squares
+            codebook); off gives weight-only k-means even with calibration data (for ablations).
+        holdout: fraction of the calibration samples held back to measure output quality (none
+            held back under 10 samples: then it is measured on the training samples).
+        max_rows: input vectors kept per layer for layer-wise training.
+        layer_batch_rows: input vectors per step in layer-wise training.
+
+    Example::
+
+        >>> FinetuneSettings(mode="e2e", epochs=5, lr=1e-4)  # doctest: +ELLIPSIS
+        FinetuneSettings(mode='e2e', epochs=5, ...)
+    """
+
+    mode: str = "layer"
+    epochs: int = 10
+    steps: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 32
+    loss: str = "auto"
+    train_rest: bool = False
+    data_aware: bool = True
+    holdout: float = 0.1
+    max_rows: int = 4096
+    layer_batch_rows: int = 256
+
+    def __post_init__(self) -> None:
+        if self.mode not in FINETUNE_MODES:
+            raise OnnxVQError(f"fine-tune mode {self.mode!r} is not one of {', '.join(FINETUNE_MODES)}")
+        if self.loss not in LOSSES:
+            raise OnnxVQError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        for name in ("epochs", "batch_size", "max_rows", "layer_batch_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OnnxVQError(f"{name} must be a positive integer (got {value!r})")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise OnnxVQError(f"steps must be a positive integer (got {self.steps!r})")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise OnnxVQError(f"lr must be a positive number (got {self.lr!r})")
+        if not 0 <= self.holdout < 1:
+            raise OnnxVQError(f"holdout must be in [0, 1) (got {self.holdout!r})")
+
+    @classmethod
+    def make(cls, value: FinetuneSettings | Mapping[str, Any] | str | None, *, has_calib: bool) -> FinetuneSettings:
+        """From the API's ``finetune=`` argument: settings, a mapping, a mode name, or None
+        (``layer`` with calibration data, ``none`` without)."""
+        if isinstance(value, FinetuneSettings):
+            settings = value
+        elif isinstance(value, str):
+            settings = cls(mode=value)
+        elif isinstance(value, Mapping):
+            unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise OnnxVQError(f"unknown fine-tune setting(s): {', '.join(sorted(unknown))}")
+            settings = cls(**{"mode": "layer" if has_calib else "none", **value})
+        elif value is None:
+            settings = cls(mode="layer" if has_calib else "none")
+        else:
+            raise OnnxVQError(f"finetune must be a mode name, a mapping or FinetuneSettings, got {type(value).__name__}")
+        if settings.mode != "none" and not has_calib:
+            raise OnnxVQError(
+                f"fine-tuning ({settings.mode}) needs calibration data: give --calib, or --finetune none"
+            )
+        return settings

@@ -1,0 +1,170 @@
+"""The calibration-driven steps of ``compress``: fine-tuning and output-quality measurement.
+
+Given encoded weights (already data-aware when calibration data was given), this
+
+1. measures the task-agnostic quality of the encoded model on the held-back samples
+   (:mod:`onnxvq.output_quality`; onnxruntime, weights decoded from their packed form, so exactly
+   what the written model computes);
+2. fine-tunes (``layer`` or ``e2e``, :mod:`onnxvq.finetune_settings`) through each method's
+   trainable module, importing torch only here;
+3. measures again, and writes the learned tensors back into the ``Encoded`` values.
+
+Layer-wise mode captures its inputs from the model whose layers are all quantized (Jacobi
+style: one capture pass for all layers), so every layer learns to undo the error of the layers
+before it, against the original model's outputs of that layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxvq.activations import LayerInputs, capture_inputs, run_model
+from onnxvq.calibration import CalibrationSet
+from onnxvq.candidates import Layer
+from onnxvq.finetune_settings import FinetuneSettings
+from onnxvq.layout import WeightLayout
+from onnxvq.methods.base import Encoded, Method
+from onnxvq.output_quality import OutputQuality, output_quality
+
+__all__ = ["WeightJob", "finetune", "output_sqnr_db"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class WeightJob:
+    """One weight being encoded, for every layer that reads it."""
+
+    group: list[Layer]
+    method: Method
+    layout: WeightLayout
+    encoded: Encoded
+    decode: Callable[[Encoded], np.ndarray]  # Encoded -> dense weight, as the written model has it
+    finetune_stats: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.group[0].weight.name
+
+
+def output_sqnr_db(weight: np.ndarray, approximation: np.ndarray, layout: WeightLayout, hessian: np.ndarray) -> float:
+    """``10 log10(sum_r m_r' H m_r / sum_r e_r' H e_r)``, ``e = m - m^``: the layer's output SQNR
+    on the calibration inputs (H their second moment, or its diagonal)."""
+    m = layout.to_matrix(weight).astype(np.float64)
+    e = m - layout.to_matrix(approximation)
+    if hessian.ndim == 1:
+        signal, noise = float((m * m * hessian).sum()), float((e * e * hessian).sum())
+    else:
+        signal = noise = 0.0
+        for start in range(0, len(m), 1024):
+            mb, eb = m[start : start + 1024], e[start : start + 1024]
+            signal += float(((mb @ hessian) * mb).sum())
+            noise += float(((eb @ hessian) * eb).sum())
+    if noise <= 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def finetune(
+    model: ir.Model,
+    jobs: list[WeightJob],
+    train: CalibrationSet,
+    held: CalibrationSet | None,
+    settings: FinetuneSettings,
+    *,
+    seed: int,
+    progress: bool = False,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Fine-tune ``jobs`` in place (their ``encoded`` is replaced by the learned one).
+
+    Returns (a JSON-able record: qualities before/after, mode used and why, step counts;
+    learned values of other initializers, only with ``train_rest``).
+    """
+    evaluation = held or train
+    reference = run_model(model, evaluation)
+    quality: dict[str, OutputQuality] = {}
+    quality["encoded"] = _quality(model, jobs, evaluation, reference)
+    record: dict = {"mode": settings.mode, "quality": quality}
+    learned_rest: dict[str, np.ndarray] = {}
+    mode = settings.mode
+    if mode == "e2e":
+        from onnxvq.finetune.torch_graph import unsupported_ops
+
+        missing = unsupported_ops(model)
+        if missing:
+            mode = "layer"
+            record["fallback"] = (
+                f"end-to-end needs every op in torch; the executor cannot run {', '.join(missing)}: "
+                "fine-tuned layer-wise instead"
+            )
+            logger.warning(record["fallback"])
+    record["mode"] = mode
+    if mode == "none" or not jobs:
+        return record, learned_rest
+
+    import torch
+
+    torch.manual_seed(seed)
+    modules = {job.name: job.method.trainable(job.encoded, job.layout) for job in jobs}
+    if mode == "layer":
+        _layer_wise(model, jobs, modules, train, settings, seed=seed, progress=progress)
+    else:
+        from onnxvq.finetune.end_to_end import train_end_to_end
+
+        teacher = run_model(model, train)
+        record["e2e"], learned_rest = train_end_to_end(
+            model, modules, train, teacher, settings, seed=seed, progress=progress
+        )
+    for job in jobs:
+        job.encoded = modules[job.name].to_encoded()
+        job.finetune_stats.update(modules[job.name].stats())
+    quality["fine-tuned"] = _quality(model, jobs, evaluation, reference, learned_rest)
+    return record, learned_rest
+
+
+def _layer_wise(model, jobs, modules, train, settings, *, seed, progress) -> None:
+    from tqdm.auto import tqdm
+
+    from onnxvq.finetune.layerwise import train_layer
+
+    paired = capture_inputs(
+        model,
+        [layer for job in jobs for layer in job.group],
+        train,
+        quantized={job.name: job.decode(job.encoded) for job in jobs},
+        max_rows=settings.max_rows,
+        batch_size=settings.batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    with tqdm(total=len(jobs), desc="fine-tuning layers", unit="layer", disable=None if progress else True, leave=False) as bar:
+        for job in jobs:
+            data: LayerInputs | None = paired.get(job.name)
+            if data is not None:
+                stats = train_layer(
+                    modules[job.name],
+                    job.group[0].weight_array().astype(np.float32),
+                    job.layout,
+                    data,
+                    epochs=settings.epochs,
+                    steps=settings.steps,
+                    lr=settings.lr,
+                    batch_rows=settings.layer_batch_rows,
+                    seed=seed,
+                )
+                job.finetune_stats.update(stats)
+                bar.set_postfix(loss=f"{stats['loss_after']:.4g}", refresh=False)
+            bar.update()
+
+
+def _quality(model, jobs, samples, reference, rest: dict[str, np.ndarray] | None = None) -> OutputQuality:
+    quantized = {job.name: job.decode(job.encoded) for job in jobs}
+    quantized.update(rest or {})
+    outputs = run_model(model, samples, quantized=quantized)
+    return output_quality(reference, outputs, samples.labels)
