@@ -95,8 +95,8 @@ def capture_inputs(
     if not layers:
         return {}
     taps = _tap_names(layers)
-    original = _TapSession(model, taps, None)
-    swapped = _TapSession(model, taps, quantized) if quantized else None
+    original = _TapSession(model, taps, None, taps_only=True)
+    swapped = _TapSession(model, taps, quantized, taps_only=True) if quantized else None
     batches = list(calib.batches(batch_size))
     keep_per_batch = max(1, -(-max_rows // len(batches)))
     rng = np.random.default_rng(seed)
@@ -188,22 +188,39 @@ class _TapSession:
     """An onnxruntime session of ``model`` (weights optionally swapped) that also returns the
     named intermediate values."""
 
-    def __init__(self, model: ir.Model, taps: Mapping[str, str], quantized: Mapping[str, np.ndarray] | None):
+    def __init__(
+        self,
+        model: ir.Model,
+        taps: Mapping[str, str],
+        quantized: Mapping[str, np.ndarray] | None,
+        *,
+        taps_only: bool = False,
+    ):
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
         from onnxvq.model_io import save_model
 
         tapped = model.clone()
         graph = tapped.graph
         values = _values_by_name(graph)
-        outputs = {v.name for v in graph.outputs}
         inputs = {v.name for v in graph.inputs}
         self.n_outputs = len(graph.outputs)
+        if taps_only:  # only what the taps depend on runs: the rest of the graph is pruned
+            graph.outputs.clear()
+            self.n_outputs = 0
+        outputs = {v.name for v in graph.outputs}
         for name in dict.fromkeys(taps.values()):
             if name not in outputs and name not in inputs:
                 graph.outputs.append(values[name])
                 outputs.add(name)
         for name, array in (quantized or {}).items():
             _swap_weight(values[name], array)
+        if taps_only:
+            RemoveUnusedNodesPass()(tapped)
         self.output_names = [v.name for v in graph.outputs]
+        self.session = None
+        if not self.output_names:  # every tap is a graph input: nothing to run
+            return
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # Saved to a file (external data when large): a proto over 2 GiB cannot be serialised.
@@ -213,6 +230,8 @@ class _TapSession:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            return dict(feed)
         results = dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
         results.update(feed)
         return results

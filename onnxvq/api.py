@@ -138,7 +138,8 @@ def compress(
     learned_rest: dict[str, np.ndarray] = {}
     if calib_set is not None:
         calibration, learned_rest = finetune_jobs(
-            model, list(jobs.values()), train, held, tuning, seed=config.seed, progress=progress
+            model, list(jobs.values()), train, held, tuning, seed=config.seed, progress=progress,
+            vectors_per_sample={name: data.count / len(train) for name, data in inputs.items()},
         )
         calibration.update(samples=len(calib_set), held_back=len(held) if held else 0,
                            data_aware=tuning.data_aware)

@@ -70,6 +70,10 @@ class CalibrationSet:
         )
         return part(0, cut), part(cut, len(self))
 
+    def subset(self, n: int) -> CalibrationSet:
+        """The first ``n`` samples (all when fewer)."""
+        return CalibrationSet(self.samples[:n], self.labels[:n] if self.labels else None, self.batchable)
+
     def batches(self, batch_size: int, rng: np.random.Generator | None = None):
         """Yield ``(sample indices, feed, labels or None)``: samples concatenated up to
         ``batch_size`` rows.

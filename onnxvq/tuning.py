@@ -9,9 +9,12 @@ Given encoded weights (already data-aware when calibration data was given), this
    trainable module, importing torch only here;
 3. measures again, and writes the learned tensors back into the ``Encoded`` values.
 
-Layer-wise mode captures its inputs from the model whose layers are all quantized (Jacobi
-style: one capture pass for all layers), so every layer learns to undo the error of the layers
-before it, against the original model's outputs of that layer.
+Layer-wise mode goes through the layers in graph order and captures each one's inputs from the
+model as it stands then (Gauss-Seidel: earlier layers already fine-tuned), so every layer learns
+to undo the remaining error of the layers before it, against the original model's outputs of
+that layer. (Capturing all layers at once from the encoded model, Jacobi style, was measured
+worse than no training: each layer then also corrects upstream errors that upstream training
+removes.)
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def finetune(
     *,
     seed: int,
     progress: bool = False,
+    vectors_per_sample: dict[str, float] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Fine-tune ``jobs`` in place (their ``encoded`` is replaced by the learned one).
 
@@ -113,7 +117,8 @@ def finetune(
     torch.manual_seed(seed)
     modules = {job.name: job.method.trainable(job.encoded, job.layout) for job in jobs}
     if mode == "layer":
-        _layer_wise(model, jobs, modules, train, settings, seed=seed, progress=progress)
+        _layer_wise(model, jobs, modules, train, settings, seed=seed, progress=progress,
+                    vectors_per_sample=vectors_per_sample or {})
     else:
         from onnxvq.finetune.end_to_end import train_end_to_end
 
@@ -128,25 +133,31 @@ def finetune(
     return record, learned_rest
 
 
-def _layer_wise(model, jobs, modules, train, settings, *, seed, progress) -> None:
+def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vectors_per_sample) -> None:
+    """Gauss-Seidel over the layers in graph order: each layer's inputs are captured from the
+    model as it stands (earlier layers already fine-tuned, later ones encoded), then it trains.
+
+    A capture runs only the part of the graph the layer depends on, and only on as many samples
+    as its kept rows need (at least 16), so the cost stays near a few passes over the data.
+    """
     from tqdm.auto import tqdm
 
     from onnxvq.finetune.layerwise import train_layer
 
-    paired = capture_inputs(
-        model,
-        [layer for job in jobs for layer in job.group],
-        train,
-        quantized={job.name: job.decode(job.encoded) for job in jobs},
-        max_rows=settings.max_rows,
-        batch_size=settings.batch_size,
-        seed=seed,
-        progress=progress,
-    )
+    current = {job.name: job.decode(job.encoded) for job in jobs}
     with tqdm(total=len(jobs), desc="fine-tuning layers", unit="layer", disable=None if progress else True, leave=False) as bar:
         for job in jobs:
-            data: LayerInputs | None = paired.get(job.name)
+            per_sample = max(vectors_per_sample.get(job.name, 1.0), 1e-9)
+            needed = max(16, math.ceil(2 * settings.max_rows / per_sample))
+            others = {name: w for name, w in current.items() if name != job.name}
+            captured = capture_inputs(
+                model, job.group, train.subset(needed), quantized=others or None,
+                max_rows=settings.max_rows, batch_size=settings.batch_size, seed=seed,
+            )
+            data: LayerInputs | None = captured.get(job.name)
             if data is not None:
+                if data.reference_inputs is None:  # nothing upstream is quantized
+                    data = dataclasses.replace(data, reference_inputs=data.inputs)
                 stats = train_layer(
                     modules[job.name],
                     job.group[0].weight_array().astype(np.float32),
@@ -159,6 +170,7 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress) -> Non
                     seed=seed,
                 )
                 job.finetune_stats.update(stats)
+                current[job.name] = job.decode(modules[job.name].to_encoded())
                 bar.set_postfix(loss=f"{stats['loss_after']:.4g}", refresh=False)
             bar.update()
 

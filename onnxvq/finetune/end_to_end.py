@@ -88,7 +88,7 @@ def train_end_to_end(
                 optimizer.step()
                 for module in modules.values():
                     module.after_step(step, total)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 step += 1
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)

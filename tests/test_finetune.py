@@ -1,0 +1,182 @@
+"""Data-aware encoding and the fine-tune bridge, end to end through compress().
+
+Tiny models where the right answer is known, the layer-wise and e2e paths, the e2e fallback on
+ops torch cannot run, write-back that leaves every other tensor and node bit-identical, and the
+CLI's calibration errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxvq
+from models import cnn, make_model, mlp, run_ort, weight
+from onnxvq.activations import LayerInputs
+from onnxvq.layout import WeightLayout
+from onnxvq.methods import get_method
+from onnxvq.methods.pq import PQParams
+
+torch = pytest.importorskip("torch")
+
+from onnxvq.finetune.layerwise import train_layer  # noqa: E402
+
+
+def feeds(n, shape, seed=0, batch=8):
+    r = np.random.default_rng(seed)
+    return [{"x": r.standard_normal((batch, *shape)).astype(np.float32)} for _ in range(n)]
+
+
+def test_layer_wise_training_finds_the_codebook_that_reproduces_the_layer():
+    """A weight built exactly from a codebook; start from a perturbed codebook with the right
+    codes: training must bring the output error to ~0."""
+    r = np.random.default_rng(0)
+    truth = r.standard_normal((16, 4)).astype(np.float32)
+    codes = r.integers(0, 16, size=(32, 8))
+    layout = WeightLayout((32, 32), False, 1, 4)
+    weight_matrix = truth[codes].reshape(32, 32)
+    start = (truth + 0.3 * r.standard_normal(truth.shape)).astype(np.float32)
+    encoded = get_method("pq").encode(weight_matrix, transposed=False, row_axes=1, params=PQParams(k=16, d=4),
+                                      seed=np.random.SeedSequence(0))
+    encoded = type(encoded)(method="pq", codes=codes, codebook=start)
+    x = r.standard_normal((512, 1, 32)).astype(np.float32)
+    data = LayerInputs(hessian=np.eye(32), cross=None, inputs=x, reference_inputs=None, count=512)
+    module = get_method("pq").trainable(encoded, layout)
+    stats = train_layer(module, weight_matrix, layout, data, epochs=150, steps=None, lr=0.05, batch_rows=128, seed=0)
+    assert stats["kept"] and stats["loss_after"] < 1e-4 * stats["loss_before"]
+    np.testing.assert_allclose(module.to_encoded().codebook, truth, atol=1e-2)
+
+
+def test_data_aware_encoding_lowers_every_layers_output_error():
+    from digits_mlp import build_digits_mlp
+
+    model, x_test, _ = build_digits_mlp(seed=0)
+    calib = [{"x": x_test[i : i + 32]} for i in range(0, 320, 32)]
+    common = dict(method="pq", k=16, d=4, min_size=0, calib=calib)
+    weight_only = onnxvq.compress(model, finetune={"mode": "none", "data_aware": False}, **common).summary
+    aware = onnxvq.compress(model, finetune="none", **common).summary
+    before = {l.name: l.output_sqnr_db for l in weight_only.compressed_layers}
+    after = {l.name: l.output_sqnr_db for l in aware.compressed_layers}
+    assert len(before) == 3
+    for name in before:
+        assert after[name] > before[name] + 0.5, (name, before[name], after[name])
+    q_before = weight_only.calibration["quality"]["encoded"]
+    q_after = aware.calibration["quality"]["encoded"]
+    assert q_after.sqnr_db > q_before.sqnr_db
+
+
+@pytest.mark.parametrize("mode", ["layer", "e2e"])
+def test_fine_tuning_improves_outputs_and_keeps_everything_else_bit_identical(mode):
+    proto = cnn()
+    calib = feeds(12, (3, 16, 16), batch=8)
+    result = onnxvq.compress(
+        proto, method="pq", k=8, d=8, min_size=0, calib=calib,
+        finetune={"mode": mode, "epochs": 4, "holdout": 0.0, "lr": 3e-3},
+    )
+    record = result.summary.calibration
+    assert record["mode"] == mode and "fallback" not in record
+    quality = record["quality"]
+    assert quality["fine-tuned"].sqnr_db > quality["encoded"].sqnr_db + 0.2
+    trained = [l.finetune for l in result.summary.compressed_layers]
+    assert all(t for t in trained) if mode == "layer" else True
+    _assert_only_vq_parts_changed(proto, result.to_proto())
+    # the written model computes what the summary measured
+    x = calib[0]["x"]
+    dense = onnxvq.decompress(result.model)
+    np.testing.assert_allclose(
+        run_ort(result.to_proto(), {"x": x})[0], run_ort(ir.serde.serialize_model(dense), {"x": x})[0], atol=1e-4
+    )
+
+
+def test_fine_tuning_is_deterministic_for_a_seed():
+    calib = feeds(6, (64,), batch=16)
+    runs = [
+        onnxvq.compress(mlp(), method="pq", k=16, d=4, min_size=0, calib=calib, finetune={"mode": "e2e", "epochs": 2}, seed=3)
+        for _ in range(2)
+    ]
+    assert runs[0].to_proto().SerializeToString() == runs[1].to_proto().SerializeToString()
+
+
+def test_layer_wise_works_where_e2e_cannot_run_lstm_and_if():
+    proto = _model_with_lstm_and_if()
+    calib = feeds(6, (10,), batch=1)
+    calib = [{"x": f["x"].reshape(1, 1, 10), "flag": np.array(i % 2 == 0)} for i, f in enumerate(calib)]
+    result = onnxvq.compress(proto, method="pq", k=16, d=2, min_size=0, calib=calib, finetune={"mode": "e2e", "epochs": 3})
+    record = result.summary.calibration
+    assert record["mode"] == "layer"
+    assert "If" in record["fallback"] and "LSTM" in record["fallback"]
+    fine_tuned = {l.name: l.finetune for l in result.summary.compressed_layers}
+    assert fine_tuned["proj"] and fine_tuned["proj"]["steps"] > 0  # the Gemm after the LSTM trained
+    feed = calib[0]
+    assert np.isfinite(run_ort(result.to_proto(), feed)[0]).all()
+
+
+def test_train_rest_writes_learned_biases_back():
+    proto = mlp()
+    calib = feeds(6, (64,), batch=16)
+    result = onnxvq.compress(proto, method="pq", k=16, d=4, min_size=0, calib=calib,
+                             finetune={"mode": "e2e", "epochs": 3, "train_rest": True, "lr": 1e-2})
+    before = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in result.to_proto().graph.initializer}
+    assert not np.array_equal(before["b0"], after["b0"])
+    assert after["b0"].dtype == before["b0"].dtype and after["b0"].shape == before["b0"].shape
+
+
+def _assert_only_vq_parts_changed(original: onnx.ModelProto, compressed: onnx.ModelProto):
+    """Every node that is not a VQ node and every initializer that is not a quantized weight's
+    replacement is byte-identical to the original's."""
+    vq_weights = set()
+    kept_nodes = []
+    for node in compressed.graph.node:
+        if node.domain == onnxvq.ops.DOMAIN:
+            vq_weights.update(i.rsplit(".vq_", 1)[0] for i in node.input if ".vq_" in i)
+        else:
+            kept_nodes.append(node.SerializeToString())
+    original_nodes = [
+        n.SerializeToString() for n in original.graph.node
+        if not (n.op_type in ("Conv", "Gemm", "MatMul") and set(n.input) & vq_weights)
+    ]
+    assert kept_nodes == original_nodes
+    originals = {t.name: t.SerializeToString() for t in original.graph.initializer}
+    for tensor in compressed.graph.initializer:
+        if ".vq_" in tensor.name:
+            continue
+        assert tensor.SerializeToString() == originals[tensor.name], tensor.name
+    assert {t.name for t in compressed.graph.initializer if ".vq_" not in t.name} == set(originals) - vq_weights
+
+
+def _model_with_lstm_and_if() -> onnx.ModelProto:
+    """x (1, 1, 10) -> MatMul(10x32) -> LSTM(hidden 8) -> If(flag: Relu | Neg) -> Gemm 'proj' (8->40)."""
+    hidden = 8
+    w_in = weight((10, 32), 1)
+    lstm_w = weight((1, 4 * hidden, 32), 2)
+    lstm_r = weight((1, 4 * hidden, hidden), 3)
+    proj = weight((40, hidden), 4)
+    then_graph = helper.make_graph(
+        [helper.make_node("Relu", ["h"], ["branch"])], "then", [], [helper.make_tensor_value_info("branch", TensorProto.FLOAT, None)]
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Neg", ["h"], ["branch_neg"])], "else", [], [helper.make_tensor_value_info("branch_neg", TensorProto.FLOAT, None)]
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_in"], ["m"], name="embed"),
+        helper.make_node("LSTM", ["m", "lstm_w", "lstm_r"], ["", "h_last"], name="lstm", hidden_size=hidden),
+        helper.make_node("Reshape", ["h_last", "shape"], ["h"], name="flatten"),
+        helper.make_node("If", ["flag"], ["chosen"], name="branch", then_branch=then_graph, else_branch=else_graph),
+        helper.make_node("Gemm", ["chosen", "proj_w"], ["y"], name="proj", transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array(w_in, "w_in"), numpy_helper.from_array(lstm_w, "lstm_w"),
+        numpy_helper.from_array(lstm_r, "lstm_r"), numpy_helper.from_array(proj, "proj_w"),
+        numpy_helper.from_array(np.array([1, hidden], np.int64), "shape"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 10]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 40])],
+        inits,
+    )
