@@ -151,3 +151,41 @@ def test_usage_errors_are_short(model_path):
 def test_import_does_not_pull_in_torch():
     code = "import sys, onnxvq, onnxvq.cli, onnxvq.inspect_model; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_compress_with_calibration_data(tmp_path, model_path):
+    calib, out = tmp_path / "calib.npz", tmp_path / "model.vq.onnx"
+    np.savez(calib, x=rng(0).standard_normal((12, 3, 16, 16)).astype(np.float32))
+    done = onnxvq("compress", model_path, "-o", out, "-k", "16", "-d", "4", "--min-size", "0",
+                  "--calib", calib, "--finetune", "none", "--report", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    assert "calibration: 12 sample(s)" in done.stdout and "data-aware" in done.stdout
+    assert "encoded:" in done.stdout and "output SQNR" in done.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["calibration"]["quality"]["encoded"]["rows"] > 0
+    assert all(l["output_sqnr_db"] is not None for l in report["layers"] if l["compressed"] and not l["shared_with"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--calib", "{tmp}/missing.npz"], "calibration data"),
+        (["--calib", "{tmp}/wrong.npz"], "no array for model input(s) 'x'"),
+        (["--finetune", "layer"], "need calibration data"),
+        (["--labels", "{tmp}/labels.npy"], "need calibration data"),
+        (["--calib", "{tmp}/calib.npz", "--epochs", "0"], "epochs must be a positive integer"),
+        (["--calib", "{tmp}/calib.npz", "--labels", "{tmp}/labels.npy"], "labels for"),
+    ],
+)
+def test_bad_calibration_input_is_one_line_and_writes_nothing(tmp_path, model_path, extra, message):
+    np.savez(tmp_path / "wrong.npz", image=np.zeros((2, 3, 16, 16), np.float32))
+    np.savez(tmp_path / "calib.npz", x=np.zeros((2, 3, 16, 16), np.float32))
+    np.save(tmp_path / "labels.npy", np.arange(5))
+    out = tmp_path / "out.onnx"
+    before = model_path.read_bytes()
+    done = onnxvq("compress", model_path, "-o", out, *[a.format(tmp=tmp_path) for a in extra])
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+    assert not out.exists() and model_path.read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".") or p.endswith(".tmp")]
