@@ -1,7 +1,9 @@
 """A DeiT-tiny-shaped vision transformer with random weights, built as ONNX by hand.
 
 For memory-access estimates (``onnxvq report``), which depend on shapes and storage formats only,
-not on weight values. The graph is DeiT-tiny's (Touvron et al. 2021; ~5.7M parameters)::
+not on weight values, and for time/memory benchmarks. The graph is DeiT-tiny's (Touvron et al.
+2021; ~5.7M parameters); :func:`build_deit` builds the same graph at other widths, e.g.
+DeiT-small (dim 384, 6 heads, MLP 1536; ~22M parameters)::
 
     image (N, 3, 224, 224)
       -> Conv 3->192, 16x16 stride 16 (patch embedding) -> (N, 196, 192)
@@ -13,9 +15,11 @@ not on weight values. The graph is DeiT-tiny's (Touvron et al. 2021; ~5.7M param
 Opset 17 (LayerNormalization, no Gelu op: GELU is ``0.5 x (1 + erf(x / sqrt 2))``). Linear layers
 are ``MatMul`` + ``Add`` as exporters write them; the head is a ``Gemm(transB=1)``.
 
-Script use, from the repository root (writes the model and runs it once in onnxruntime)::
+(dimensions shown for tiny). Script use, from the repository root (writes the model and runs it
+once in onnxruntime)::
 
     python samples/deit_tiny.py --out samples/out/deit_tiny.onnx
+    python samples/deit_tiny.py --size small --out samples/out/deit_small.onnx
 """
 
 from __future__ import annotations
@@ -27,13 +31,29 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-DIM, HEADS, DEPTH, MLP, PATCH, IMAGE, CLASSES = 192, 3, 12, 768, 16, 224, 1000
+DIM, HEADS, DEPTH, MLP, PATCH, IMAGE, CLASSES = 192, 3, 12, 768, 16, 224, 1000  # DeiT-tiny
 TOKENS = (IMAGE // PATCH) ** 2 + 1  # 196 patches + cls
 OPSET = 17
+# build_deit's keyword arguments per size (Touvron et al. 2021, table 1).
+SIZES = {
+    "tiny": dict(dim=DIM, heads=HEADS, depth=DEPTH, mlp=MLP),
+    "small": dict(dim=384, heads=6, depth=12, mlp=1536),
+}
 
 
 def build_deit_tiny(seed: int = 0) -> onnx.ModelProto:
-    """The model; weights ~ N(0, 0.02) like DeiT's init (values do not matter here)."""
+    """DeiT-tiny; weights ~ N(0, 0.02) like DeiT's init (values do not matter here)."""
+    return build_deit(**SIZES["tiny"], seed=seed)
+
+
+def build_deit(dim: int = DIM, heads: int = HEADS, depth: int = DEPTH, mlp: int = MLP, seed: int = 0,
+               name: str = "deit_tiny") -> onnx.ModelProto:
+    """The DeiT graph at any width/depth: ``dim`` channels, ``heads`` attention heads (``dim``
+    divisible by ``heads``), ``depth`` blocks, MLP hidden size ``mlp``; 16x16 patches of a 224x224
+    image, 1000 classes. Weights ~ N(0, 0.02) like DeiT's init; the same arguments give the same
+    bytes. ``name`` is the graph name."""
+    if dim % heads:
+        raise ValueError(f"dim {dim} is not divisible by heads {heads}")
     r = np.random.default_rng(seed)
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
@@ -55,30 +75,30 @@ def build_deit_tiny(seed: int = 0) -> onnx.ModelProto:
         return node("Add", [y, init(f"{prefix}.bias", np.zeros(n_out, np.float32))], f"{prefix}.add_bias")
 
     def layer_norm(x, prefix):
-        return node("LayerNormalization", [x, init(f"{prefix}.weight", np.ones(DIM, np.float32)),
-                                           init(f"{prefix}.bias", np.zeros(DIM, np.float32))],
+        return node("LayerNormalization", [x, init(f"{prefix}.weight", np.ones(dim, np.float32)),
+                                           init(f"{prefix}.bias", np.zeros(dim, np.float32))],
                     prefix, axis=-1, epsilon=1e-6)
 
     # patch embedding: (N,3,224,224) -> (N,192,14,14) -> (N,192,196) -> (N,196,192)
-    x = node("Conv", ["image", rand("patch_embed.weight", DIM, 3, PATCH, PATCH),
-                      init("patch_embed.bias", np.zeros(DIM, np.float32))],
+    x = node("Conv", ["image", rand("patch_embed.weight", dim, 3, PATCH, PATCH),
+                      init("patch_embed.bias", np.zeros(dim, np.float32))],
              "patch_embed", kernel_shape=[PATCH, PATCH], strides=[PATCH, PATCH])
-    x = node("Reshape", [x, init("shape.patches", np.array([0, DIM, -1], np.int64))], "patch_flatten")
+    x = node("Reshape", [x, init("shape.patches", np.array([0, dim, -1], np.int64))], "patch_flatten")
     x = node("Transpose", [x], "patch_transpose", perm=[0, 2, 1])
     # cls token broadcast to the batch: Expand to (N, 1, 192)
     shape = node("Shape", ["image"], "image_shape")
     batch = node("Gather", [shape, init("zero1", np.array([0], np.int64))], "batch", axis=0)
-    cls_shape = node("Concat", [batch, init("shape.cls_tail", np.array([1, DIM], np.int64))], "cls_shape", axis=0)
-    cls = node("Expand", [rand("cls_token", 1, 1, DIM), cls_shape], "cls_expand")
+    cls_shape = node("Concat", [batch, init("shape.cls_tail", np.array([1, dim], np.int64))], "cls_shape", axis=0)
+    cls = node("Expand", [rand("cls_token", 1, 1, dim), cls_shape], "cls_expand")
     x = node("Concat", [cls, x], "tokens", axis=1)
-    x = node("Add", [x, rand("pos_embed", 1, TOKENS, DIM)], "pos_add")
+    x = node("Add", [x, rand("pos_embed", 1, TOKENS, dim)], "pos_add")
 
-    head_dim = DIM // HEADS
-    for i in range(DEPTH):
+    head_dim = dim // heads
+    for i in range(depth):
         p = f"blocks.{i}"
         h = layer_norm(x, f"{p}.norm1")
-        qkv = linear(h, f"{p}.attn.qkv", DIM, 3 * DIM)
-        qkv = node("Reshape", [qkv, init(f"{p}.shape.qkv", np.array([0, -1, 3, HEADS, head_dim], np.int64))],
+        qkv = linear(h, f"{p}.attn.qkv", dim, 3 * dim)
+        qkv = node("Reshape", [qkv, init(f"{p}.shape.qkv", np.array([0, -1, 3, heads, head_dim], np.int64))],
                    f"{p}.attn.qkv_reshape")
         qkv = node("Transpose", [qkv], f"{p}.attn.qkv_transpose", perm=[2, 0, 3, 1, 4])  # (3,N,H,T,hd)
         q, k, v = (node("Gather", [qkv, init(f"{p}.index.{j}", np.array(j, np.int64))], f"{p}.attn.{n}", axis=0)
@@ -90,31 +110,33 @@ def build_deit_tiny(seed: int = 0) -> onnx.ModelProto:
         attn = node("Softmax", [scores], f"{p}.attn.softmax", axis=-1)
         ctx = node("MatMul", [attn, v], f"{p}.attn.context")
         ctx = node("Transpose", [ctx], f"{p}.attn.context_transpose", perm=[0, 2, 1, 3])
-        ctx = node("Reshape", [ctx, init(f"{p}.shape.merge", np.array([0, -1, DIM], np.int64))],
+        ctx = node("Reshape", [ctx, init(f"{p}.shape.merge", np.array([0, -1, dim], np.int64))],
                    f"{p}.attn.context_merge")
-        x = node("Add", [x, linear(ctx, f"{p}.attn.proj", DIM, DIM)], f"{p}.residual1")
+        x = node("Add", [x, linear(ctx, f"{p}.attn.proj", dim, dim)], f"{p}.residual1")
         h = layer_norm(x, f"{p}.norm2")
-        h = linear(h, f"{p}.mlp.fc1", DIM, MLP)
+        h = linear(h, f"{p}.mlp.fc1", dim, mlp)
         # GELU(h) = 0.5 h (1 + erf(h / sqrt 2))
         e = node("Div", [h, init(f"{p}.mlp.sqrt2", np.array(np.sqrt(2.0), np.float32))], f"{p}.mlp.gelu_div")
         e = node("Erf", [e], f"{p}.mlp.gelu_erf")
         e = node("Add", [e, init(f"{p}.mlp.one", np.array(1.0, np.float32))], f"{p}.mlp.gelu_add")
         e = node("Mul", [h, e], f"{p}.mlp.gelu_mul")
         h = node("Mul", [e, init(f"{p}.mlp.half", np.array(0.5, np.float32))], f"{p}.mlp.gelu_half")
-        x = node("Add", [x, linear(h, f"{p}.mlp.fc2", MLP, DIM)], f"{p}.residual2")
+        x = node("Add", [x, linear(h, f"{p}.mlp.fc2", mlp, dim)], f"{p}.residual2")
 
     x = layer_norm(x, "norm")
     x = node("Gather", [x, init("cls_index", np.array(0, np.int64))], "cls_select", axis=1)  # (N, 192)
-    node("Gemm", [x, rand("head.weight", CLASSES, DIM), init("head.bias", np.zeros(CLASSES, np.float32))],
+    node("Gemm", [x, rand("head.weight", CLASSES, dim), init("head.bias", np.zeros(CLASSES, np.float32))],
          "head", transB=1, out="logits")
     graph = helper.make_graph(
-        nodes, "deit_tiny",
+        nodes, name,
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, IMAGE, IMAGE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
-    model.doc_string = "DeiT-tiny-shaped ViT with random weights (onnxvq samples/deit_tiny.py)"
+    size = next((s for s, a in SIZES.items() if a == dict(dim=dim, heads=heads, depth=depth, mlp=mlp)), None)
+    kind = size or f"({dim} dim, {heads} heads, depth {depth}, MLP {mlp})"
+    model.doc_string = f"DeiT-{kind}-shaped ViT with random weights (onnxvq samples/deit_tiny.py)"
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -126,10 +148,12 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="samples/out/deit_tiny.onnx")
+    parser.add_argument("--out", help="default: samples/out/deit_SIZE.onnx")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (~5.7M) or small (~22M parameters)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    model = build_deit_tiny(args.seed)
+    args.out = args.out or f"samples/out/deit_{args.size}.onnx"
+    model = build_deit(**SIZES[args.size], seed=args.seed, name=f"deit_{args.size}")
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

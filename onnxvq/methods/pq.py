@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 
 from onnxvq.kmeans import kmeans
-from onnxvq.weighted_kmeans import refit_codebook, weighted_kmeans
+from onnxvq.weighted_kmeans import output_error, refit_codebook, weighted_kmeans
 from onnxvq.layout import WeightLayout
 from onnxvq.methods.base import Encoded, Method, MethodParams
 
@@ -78,8 +78,16 @@ class PQ(Method):
         if inputs is not None:
             hessian = layout.pad_moment(inputs.hessian)
             weighted = weighted_kmeans(subvectors, hessian, codebook, max_iter=params.max_iter)
-            codes = weighted.codes.reshape(layout.rows, layout.n_sub)
-            codebook = refit_codebook(subvectors, codes, weighted.codebook, hessian)
+            weighted_codes = weighted.codes.reshape(layout.rows, layout.n_sub)
+            weighted_codebook = refit_codebook(subvectors, weighted_codes, weighted.codebook, hessian)
+            # The assignment sees only H's diagonal blocks: with strongly cross-correlated
+            # inputs it can lose to the weight-space codes, so the better of the two is kept.
+            if output_error(subvectors, weighted_codes, weighted_codebook, hessian) <= output_error(
+                subvectors, codes, codebook, hessian
+            ):
+                codes, codebook = weighted_codes, weighted_codebook
+            else:
+                codebook = refit_codebook(subvectors, codes, codebook, hessian)
             stats["weighted_iterations"] = weighted.iterations
         return Encoded(method=self.name, codes=codes, codebook=codebook, stats=stats)
 
