@@ -14,6 +14,7 @@ Fine-tuning modes (``mode``):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,5 +104,10 @@ class FinetuneSettings:
         if settings.mode != "none" and not has_calib:
             raise OnnxVQError(
                 f"fine-tuning ({settings.mode}) needs calibration data: give --calib, or --finetune none"
+            )
+        if settings.mode != "none" and importlib.util.find_spec("torch") is None:
+            raise OnnxVQError(
+                f"fine-tuning ({settings.mode}) needs torch: pip install torch==2.13.0 (the CPU build), "
+                "or use --finetune none for data-aware encoding without training"
             )
         return settings

@@ -30,7 +30,6 @@ import onnx_ir as ir
 from onnxvq.activations import LayerInputs, capture_inputs, run_model
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer
-from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
 from onnxvq.layout import WeightLayout
 from onnxvq.methods.base import Encoded, Method
@@ -113,13 +112,7 @@ def finetune(
     if mode == "none" or not jobs:
         return record, learned_rest
 
-    try:
-        import torch
-    except ImportError:
-        raise OnnxVQError(
-            f"fine-tuning ({mode}) needs torch: pip install torch==2.13.0 (the CPU build), "
-            "or use --finetune none for data-aware encoding without training"
-        ) from None
+    import torch  # FinetuneSettings.make checked that it is installed
 
     torch.manual_seed(seed)
     modules = {job.name: job.method.trainable(job.encoded, job.layout) for job in jobs}
