@@ -14,13 +14,15 @@ Each run is a fresh Python process, so its peak RSS (``getrusage`` ``ru_maxrss``
 and anything it started) is its own; the process loads the model and the calibration file,
 compresses, and saves. The model and the calibration file are written by another process
 beforehand, so that the runs do not inherit a large parent's high-water mark (Linux copies
-``ru_maxrss`` across ``fork``); ``RSS at start`` is the run's resident size after its imports. ``wall s`` is the time of ``compress`` + ``save`` in that process (imports
-and Python start-up excluded; the table also gives the whole process's wall time).
+``ru_maxrss`` across ``fork``); ``RSS at start`` is the run's resident size after its imports.
+``wall s`` is the time of ``compress`` + ``save`` in that process (imports and Python start-up
+excluded; ``process s`` is the whole process's wall time).
 Swap use (``SwapTotal``/``SwapFree`` of ``/proc/meminfo``) and the kernel's swap-in/out counters
 (``pswpin``/``pswpout`` of ``/proc/vmstat``) are printed before and after, and each run's major
 page faults, to show that nothing was swapped.
 
-Run from the repository root (about 10 minutes on 2 cores with the defaults)::
+Run from the repository root (about 7 minutes on 2 cores with the defaults; the output quality
+it prints is that of random weights on random inputs, which says nothing about real models)::
 
     python benchmarks/calibration_memory.py [--samples 256] [--size small|tiny] [--timeout 900]
 """
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     built = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--build", out, "--size", args.size, "--samples", str(args.samples)],
+        [sys.executable, os.path.abspath(__file__), "--build", out,
+         "--size", args.size, "--samples", str(args.samples)],
         stdout=subprocess.PIPE, text=True, check=True, cwd=ROOT,
     )
     model_path, calib_path, params = json.loads(built.stdout.strip().splitlines()[-1])

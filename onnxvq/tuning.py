@@ -116,16 +116,23 @@ def finetune(
 
     torch.manual_seed(seed)
     modules = {job.name: job.method.trainable(job.encoded, job.layout) for job in jobs}
-    if mode == "layer":
-        _layer_wise(model, jobs, modules, train, settings, seed=seed, progress=progress,
-                    vectors_per_sample=vectors_per_sample or {})
-    else:
-        from onnxvq.finetune.end_to_end import train_end_to_end
+    # The backward of a codebook gather accumulates in a thread-dependent order; deterministic
+    # kernels make a fixed seed give the same bytes (the caller's setting is restored after).
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        if mode == "layer":
+            _layer_wise(model, jobs, modules, train, settings, seed=seed, progress=progress,
+                        vectors_per_sample=vectors_per_sample or {})
+        else:
+            from onnxvq.finetune.end_to_end import train_end_to_end
 
-        teacher = run_model(model, train)
-        record["e2e"], learned_rest = train_end_to_end(
-            model, modules, train, teacher, settings, seed=seed, progress=progress
-        )
+            teacher = run_model(model, train)
+            record["e2e"], learned_rest = train_end_to_end(
+                model, modules, train, teacher, settings, seed=seed, progress=progress
+            )
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     for job in jobs:
         job.encoded = modules[job.name].to_encoded()
         job.finetune_stats.update(modules[job.name].stats())
