@@ -101,15 +101,16 @@ def capture_inputs(
     keep_per_batch = max(1, -(-max_rows // len(batches)))
     rng = np.random.default_rng(seed)
     accumulators = {l.weight.name: _Accumulator(paired=swapped is not None) for l in layers}
+    consumers = {
+        l.name: (ops.op_for_consumer(l.op_type), {n: a.value for n, a in l.consumer_attributes.items()})
+        for l in layers
+    }
     for _, feed, _ in tqdm(batches, desc="capturing", unit="batch", disable=None if progress else True, leave=False):
         acts_o = original.run(feed)
         acts_q = swapped.run(feed) if swapped else acts_o
         for layer in layers:
             x_name = taps[layer.name]
-            attrs = {k: a.value for k, a in layer.node.attributes.items()}
-            if layer.op_type == "MatMul":
-                attrs = {"weight_left": int(layer.weight_left)}
-            module = ops.op_for_consumer(layer.op_type)
+            module, attrs = consumers[layer.name]
             chosen: list[np.ndarray] = []
 
             def select(total: int) -> np.ndarray:
