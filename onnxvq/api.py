@@ -29,7 +29,6 @@ from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
 from onnxvq.methods import Encoded, get_method
 from onnxvq.model_io import load_model, save_model
-from onnxvq.ops.codes import code_bits_for_k, packed_nbytes
 from onnxvq.layout import WeightLayout
 from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
 from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceWithVQOpsPass
@@ -287,9 +286,8 @@ def _no_smaller_reason(layer: Layer, plan: LayerPlan) -> str | None:
     """Why encoding this layer is pointless (its stored form would not be smaller), if it is."""
     transposed, row_axes = layer.view()
     lay = WeightLayout(layer.weight_shape, transposed, row_axes, plan.params.d)
-    k = min(plan.params.k, lay.rows * lay.n_sub)
-    stored = packed_nbytes(lay.rows, lay.n_sub, code_bits_for_k(k))
-    stored += k * plan.params.d * np.dtype(CODEBOOK_DTYPES[plan.codebook_dtype]).itemsize
+    itemsize = np.dtype(CODEBOOK_DTYPES[plan.codebook_dtype]).itemsize
+    stored = get_method(plan.method).stored_nbytes(lay, plan.params, itemsize)
     if stored >= layer.nbytes:
         return f"encoded ({stored} B) would not be smaller than dense ({layer.nbytes} B)"
     return None
@@ -317,7 +315,7 @@ def _encode(group: list[Layer], plan: LayerPlan, config: CompressConfig, inputs:
         return _pack_encoded(value, layer, plan).decode(transposed=transposed)
 
     layout = WeightLayout(layer.weight_shape, transposed, row_axes, plan.params.d)
-    return WeightJob(group=group, method=method, layout=layout, encoded=encoded, decode=decode)
+    return WeightJob(group=group, method=method, params=plan.params, layout=layout, encoded=encoded, decode=decode)
 
 
 def _pack(job: WeightJob, plan: LayerPlan) -> PackedWeight:

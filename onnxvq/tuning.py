@@ -32,7 +32,7 @@ from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer
 from onnxvq.finetune_settings import FinetuneSettings
 from onnxvq.layout import WeightLayout
-from onnxvq.methods.base import Encoded, Method
+from onnxvq.methods.base import Encoded, Method, MethodParams
 from onnxvq.output_quality import OutputQuality, output_quality
 
 __all__ = ["WeightJob", "finetune", "output_sqnr_db"]
@@ -46,6 +46,7 @@ class WeightJob:
 
     group: list[Layer]
     method: Method
+    params: MethodParams
     layout: WeightLayout
     encoded: Encoded
     decode: Callable[[Encoded], np.ndarray]  # Encoded -> dense weight, as the written model has it
@@ -115,7 +116,7 @@ def finetune(
     import torch  # FinetuneSettings.make checked that it is installed
 
     torch.manual_seed(seed)
-    modules = {job.name: job.method.trainable(job.encoded, job.layout) for job in jobs}
+    modules = {job.name: job.method.trainable(job.encoded, job.layout, job.params) for job in jobs}
     # The backward of a codebook gather accumulates in a thread-dependent order; deterministic
     # kernels make a fixed seed give the same bytes (the caller's setting is restored after).
     was_deterministic = torch.are_deterministic_algorithms_enabled()

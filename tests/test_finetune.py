@@ -44,7 +44,7 @@ def test_layer_wise_training_finds_the_codebook_that_reproduces_the_layer():
     encoded = type(encoded)(method="pq", codes=codes, codebook=start)
     x = r.standard_normal((512, 1, 32)).astype(np.float32)
     data = LayerInputs(hessian=np.eye(32), cross=None, inputs=x, reference_inputs=None, count=512)
-    module = get_method("pq").trainable(encoded, layout)
+    module = get_method("pq").trainable(encoded, layout, PQParams(k=16, d=4))
     stats = train_layer(module, weight_matrix, layout, data, epochs=150, steps=None, lr=0.05, batch_rows=128, seed=0)
     assert stats["kept"] and stats["loss_after"] < 1e-4 * stats["loss_before"]
     np.testing.assert_allclose(module.to_encoded().codebook, truth, atol=1e-2)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from onnxvq.layout import WeightLayout
-from onnxvq.ops.codes import MAX_K
+from onnxvq.ops.codes import MAX_K, code_bits_for_k, packed_nbytes
 
 if TYPE_CHECKING:  # torch stays unimported until fine-tuning
     from onnxvq.activations import LayerInputs
@@ -66,7 +66,11 @@ class Encoded:
     Attributes:
         method: registry name of the method that produced it.
         codes: (rows, n_sub) integer indices into ``codebook``.
-        codebook: (k, d) float32.
+        codebook: (k, d) float32 for plain PQ; (k, rank) with a ``projection``.
+        extras: the method's further tensors, by the names of ``onnxvq.ops.vq_weight.EXTRA_INPUTS``
+            (``projection``: (rank, d) float32, decoded codebook ``codebook @ projection``;
+            ``signs``: (rows, ceil(cols / 8)) uint8, packed by ``onnxvq.ops.signs``). Floating
+            extras are stored at the codebook's dtype, integer ones as they are.
         stats: numbers worth reporting (iterations, inertia, ...), JSON-serialisable.
     """
 
@@ -74,15 +78,11 @@ class Encoded:
     codes: np.ndarray
     codebook: np.ndarray
     stats: dict = dataclasses.field(default_factory=dict)
+    extras: dict = dataclasses.field(default_factory=dict)
 
     @property
     def k(self) -> int:
         return int(self.codebook.shape[0])
-
-    @property
-    def d(self) -> int:
-        return int(self.codebook.shape[1])
-
 
 class Method(abc.ABC):
     """A weight encoder. Subclasses set ``name`` (the CLI string) and ``Params``."""
@@ -109,6 +109,14 @@ class Method(abc.ABC):
         """
 
     @abc.abstractmethod
-    def trainable(self, encoded: Encoded, layout: WeightLayout) -> TrainableWeight:
+    def trainable(self, encoded: Encoded, layout: WeightLayout, params: MethodParams) -> TrainableWeight:
         """A torch module (see :class:`onnxvq.finetune.trainable.TrainableWeight`) whose
-        parameters are this method's tensors, for the fine-tune bridge. Imports torch lazily."""
+        parameters are this method's tensors, for the fine-tune bridge. ``params`` are the ones
+        the weight was encoded with (a method's training options live there). Imports torch
+        lazily."""
+
+    def stored_nbytes(self, layout: WeightLayout, params: MethodParams, codebook_itemsize: int) -> int:
+        """Upper bound of the encoded bytes of a weight of ``layout`` (decides whether encoding a
+        small layer is worth it): codes plus a k x d codebook; methods with extras add theirs."""
+        k = min(params.k, layout.rows * layout.n_sub)
+        return packed_nbytes(layout.rows, layout.n_sub, code_bits_for_k(k)) + k * layout.d * codebook_itemsize

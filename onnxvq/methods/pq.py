@@ -91,7 +91,7 @@ class PQ(Method):
             stats["weighted_iterations"] = weighted.iterations
         return Encoded(method=self.name, codes=codes, codebook=codebook, stats=stats)
 
-    def trainable(self, encoded, layout):
+    def trainable(self, encoded, layout, params):
         from onnxvq.methods.pq_trainable import PQWeight
 
         return PQWeight(encoded, layout)
