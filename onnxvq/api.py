@@ -265,6 +265,7 @@ def _reports(
         if packed is not None:
             report.method, report.k, report.d = packed.method, packed.k, packed.d
             report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
+            report.rank = packed.rank
             report.sqnr_db, report.output_sqnr_db = sqnr, output_sqnr
             report.finetune = dict(job.finetune_stats) or None
         reports.append(report)
@@ -356,7 +357,7 @@ def _float_params(model: ir.Model) -> int:
 def _literature_bytes(total_float_params: int, replacements: list[tuple[Layer, PackedWeight]]) -> float:
     unique = {id(p): (layer, p) for layer, p in replacements}.values()
     compressed_params = sum(layer.size for layer, _ in unique)
-    coded = sum(p.code_nbits / 8 + p.codebook.size * 2 for _, p in unique)
+    coded = sum(p.literature_nbytes for _, p in unique)
     return coded + 4.0 * (total_float_params - compressed_params)
 
 

@@ -2,7 +2,8 @@
 
 On any model: the candidate layers (the names configs use, op, weight name, shape, params, bytes)
 and the Conv/Gemm/MatMul nodes left alone with the reason. On a compressed model, also each VQ
-layer with its method, k, d, code bits, bits per weight (codes and codebook together) and bytes.
+layer with its method, k, d, the low-rank clustering dimension (``rank``, lr2vq), code bits, bits
+per weight (every encoded tensor together: codes, codebook, projection, sign bits) and bytes.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ class VQLayerInfo:
     code_bits: int
     weight_shape: tuple[int, ...]
     params: int
-    bytes: int  # codes + codebook (a shared pair counted for each layer using it)
+    bytes: int  # every encoded tensor (a shared set counted for each layer using it)
     bits_per_weight: float
+    rank: int | None = None  # low-rank codebooks: the clustering dimension (lr2vq's d~)
+    sign_bits: bool = False  # sign-split: one stored sign bit per weight (ssvq)
 
 
 def inspect_model(model: ir.Model) -> dict:
@@ -66,13 +69,14 @@ def format_inspection(info: dict) -> str:
     lines: list[str] = []
     if info["vq_layers"]:
         rows = [
-            (v["name"], v["op_type"], v["method"], str(v["k"]), str(v["d"]), str(v["code_bits"]),
+            (v["name"], v["op_type"], v["method"], str(v["k"]), str(v["d"]),
+             "-" if v.get("rank") is None else str(v["rank"]), str(v["code_bits"]),
              "x".join(map(str, v["weight_shape"])), f"{v['params']:,}", f"{v['bits_per_weight']:.3f}",
              format_bytes(v["bytes"]))
             for v in info["vq_layers"]
         ]
         lines.append(f"VQ layers ({len(rows)}):")
-        lines += format_table(("layer", "op", "method", "k", "d", "code bits", "shape", "params", "bits/weight", "bytes"), rows)
+        lines += format_table(("layer", "op", "method", "k", "d", "rank", "code bits", "shape", "params", "bits/weight", "bytes"), rows)
         lines.append("")
     rows = [
         (c["name"], c["op_type"], c["weight"], "x".join(map(str, c["shape"])), c["dtype"],
@@ -96,22 +100,30 @@ def _vq_layers(model: ir.Model) -> list[VQLayerInfo]:
         if node.domain != ops.DOMAIN:
             continue
         attributes = node.attributes
-        codes, codebook = node.inputs[1].const_value, node.inputs[2].const_value
+        names = ops.input_names(node.op_type, node.overload)
+        encoded = {
+            name: value.const_value
+            for name, value in zip(names, node.inputs)
+            if name in ("codes", "codebook", *ops.vq_weight.EXTRA_INPUTS) and value is not None
+        }
+        codebook, projection = encoded["codebook"], encoded.get("projection")
         shape = tuple(int(s) for s in attributes["weight_shape"].value.numpy())
         params = math.prod(shape)
-        nbytes = int(codes.nbytes + codebook.nbytes)
+        nbytes = int(sum(t.nbytes for t in encoded.values()))
         out.append(
             VQLayerInfo(
                 name=node.name or node.op_type,
                 op_type=node.op_type,
                 method=attributes["method"].value if "method" in attributes else "?",
                 k=int(codebook.shape[0]),
-                d=int(codebook.shape[1]),
+                d=int((projection if projection is not None else codebook).shape[1]),
                 code_bits=int(attributes["code_bits"].value),
                 weight_shape=shape,
                 params=params,
                 bytes=nbytes,
                 bits_per_weight=8.0 * nbytes / params,
+                rank=None if projection is None else int(projection.shape[0]),
+                sign_bits="signs" in encoded,
             )
         )
     return out

@@ -245,7 +245,8 @@ def analyze(
             if mac_like and weight_format == "int8" and kind in ("dense", "codes", "codebook"):
                 if kind == "dense":
                     nbytes = math.prod(tensor.shape)
-                elif kind == "codes":  # the encoded weight becomes its dense int8 twin
+                elif kind == "codes" and _input_name(node, slot) == "codes":
+                    # the encoded weight becomes its dense int8 twin (sign bits included)
                     kind, nbytes = "dense", math.prod(_vq_weight_shape(node))
                 else:
                     nbytes = 0
@@ -295,19 +296,24 @@ def _nbytes(tensor: ir.TensorProtocol) -> int:
 
 def _weight_kind(node: ir.Node, slot: int) -> str:
     if node.domain == ops.DOMAIN:
-        names = getattr(ops.op_module(node.op_type), "INPUTS", []) if _is_vq_op(node) else []
-        name = names[slot] if slot < len(names) else ""
-        if name in ("codes", "codebook"):
-            return name
-        # the bias is the last declared input of every VQ op (B of VQConv, C of VQGemm)
-        if slot == len(names) - 1 and name in ("B", "C"):
-            return "bias"
-        return "other"
+        # Low-rank projections are small per-layer tables read with the codebook; sign bits
+        # are per-weight data streamed like the codes; B/C are the biases.
+        kinds = {"codes": "codes", "codebook": "codebook", "projection": "codebook", "signs": "codes",
+                 "B": "bias", "C": "bias"}
+        return kinds.get(_input_name(node, slot), "other")
     if node.domain == "" and node.op_type in _MAC_OPS:
         if node.op_type == "MatMul" or slot < 2:
             return "dense"
         return "bias"
     return "other"
+
+
+def _input_name(node: ir.Node, slot: int) -> str:
+    """The declared name of a VQ node's input ``slot`` ("" when unknown)."""
+    if node.domain != ops.DOMAIN or not _is_vq_op(node):
+        return ""
+    names = ops.input_names(node.op_type, node.overload)
+    return names[slot] if slot < len(names) else ""
 
 
 def _is_vq_op(node: ir.Node) -> bool:

@@ -10,6 +10,7 @@ from onnxvq.methods.base import Encoded
 from onnxvq.ops import vq_weight
 from onnxvq.ops.codes import code_bits_for_k, pack_codes
 
+
 __all__ = ["CODEBOOK_DTYPES", "PackedWeight", "pack"]
 
 CODEBOOK_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -26,6 +27,7 @@ class PackedWeight:
     weight_shape: tuple[int, ...]
     weight_dtype: int  # onnx TensorProto element type
     stats: dict
+    extras: dict = dataclasses.field(default_factory=dict)  # see Encoded.extras
 
     @property
     def k(self) -> int:
@@ -33,11 +35,27 @@ class PackedWeight:
 
     @property
     def d(self) -> int:
-        return int(self.codebook.shape[1])
+        """Length of a decoded codeword (the subvector length)."""
+        projection = self.extras.get("projection")
+        return int((projection if projection is not None else self.codebook).shape[1])
+
+    @property
+    def rank(self) -> int | None:
+        """The clustering dimension of a low-rank codebook (``None`` for a plain one)."""
+        projection = self.extras.get("projection")
+        return None if projection is None else int(projection.shape[0])
 
     @property
     def nbytes(self) -> int:
-        return int(self.codes.nbytes + self.codebook.nbytes)
+        return int(self.codes.nbytes + self.codebook.nbytes + sum(a.nbytes for a in self.extras.values()))
+
+    @property
+    def literature_nbytes(self) -> float:
+        """Bytes by the literature's convention: codes at log2(k) bits, float tables (codebook,
+        projection) at fp16, bit-packed extras (signs) as stored."""
+        floats = self.codebook.size + sum(a.size for a in self.extras.values() if a.dtype.kind == "f")
+        packed_bits = sum(a.nbytes for a in self.extras.values() if a.dtype.kind != "f")
+        return self.code_nbits / 8 + 2.0 * floats + packed_bits
 
     @property
     def code_nbits(self) -> float:
@@ -62,23 +80,36 @@ class PackedWeight:
             weight_dtype=self.weight_dtype,
             code_bits=self.code_bits,
             transposed=transposed,
+            **self.extras,
         )
 
 
 def pack(
     encoded: Encoded, *, weight_shape, weight_dtype: int, codebook_dtype: str
 ) -> PackedWeight:
-    """Pack codes to 4/8/16 bits and store the codebook at ``codebook_dtype``.
+    """Pack codes to 4/8/16 bits and store the codebook (and the floating extras, such as a
+    low-rank projection) at ``codebook_dtype``; integer extras (packed signs) are kept as they are.
 
-    A float16 codebook whose values overflow float16 is kept in float32 (noted in ``stats``)
+    A float16 table whose values overflow float16 is kept in float32 (noted in ``stats``)
     rather than turning weights into infinities.
     """
     code_bits = code_bits_for_k(encoded.k)
     stats = dict(encoded.stats)
-    codebook = encoded.codebook.astype(CODEBOOK_DTYPES[codebook_dtype])
-    if not np.isfinite(codebook).all():
-        codebook = encoded.codebook.astype(np.float32)
+
+    def stored(table: np.ndarray) -> np.ndarray:
+        if table.dtype.kind != "f":
+            return table
+        cast = table.astype(CODEBOOK_DTYPES[codebook_dtype])
+        if np.isfinite(cast).all():
+            return cast
         stats["codebook_dtype_note"] = "float16 overflow, kept float32"
+        return table.astype(np.float32)
+
+    codebook = stored(encoded.codebook)
+    extras = {name: stored(np.asarray(encoded.extras[name])) for name in vq_weight.EXTRA_INPUTS if name in encoded.extras}
+    unknown = set(encoded.extras) - set(vq_weight.EXTRA_INPUTS)
+    if unknown:
+        raise ValueError(f"unknown encoded extras {sorted(unknown)}; known: {vq_weight.EXTRA_INPUTS}")
     return PackedWeight(
         method=encoded.method,
         codes=pack_codes(encoded.codes, code_bits),
@@ -87,4 +118,5 @@ def pack(
         weight_shape=tuple(int(s) for s in weight_shape),
         weight_dtype=int(weight_dtype),
         stats=stats,
+        extras=extras,
     )

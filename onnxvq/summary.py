@@ -61,6 +61,7 @@ class LayerReport:
     shared_with: str | None = None  # another layer whose weight this one reuses
     output_sqnr_db: float | None = None  # on the calibration inputs (see onnxvq.tuning)
     finetune: dict | None = None  # the fine-tune bridge's numbers for this weight
+    rank: int | None = None  # low-rank codebooks (lr2vq): the clustering dimension d~
 
     @property
     def ratio(self) -> float | None:
@@ -146,6 +147,8 @@ class Summary:
         for l in self.layers:
             if l.compressed:
                 note = f"shares {l.shared_with}" if l.shared_with else l.method
+                if l.rank is not None and not l.shared_with:
+                    note += f" rank {l.rank}"
                 rows.append((
                     l.name, l.op_type, f"{l.params:,}", format_bytes(l.bytes_before),
                     format_bytes(l.bytes_after) if not l.shared_with else "-",

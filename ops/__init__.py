@@ -17,6 +17,7 @@ __all__ = [
     "MIN_OPSET",
     "VERSION",
     "Variant",
+    "input_names",
     "op_for_consumer",
     "op_module",
     "reference_ops",
@@ -34,6 +35,12 @@ def op_for_consumer(op_type: str) -> ModuleType:
 def op_module(vq_op_type: str) -> ModuleType:
     """The op module of a VQ op type (``VQConv``, ...)."""
     return _BY_OP_TYPE[vq_op_type]
+
+
+def input_names(vq_op_type: str, overload: str) -> list[str]:
+    """Input names, in node order, of a VQ node of this op type and overload."""
+    variant = Variant.from_overload(overload) if overload else Variant(8, False, 0)
+    return op_module(vq_op_type).input_names(variant)
 
 
 def consumers() -> tuple[str, ...]:

@@ -5,7 +5,8 @@ kernel_shape, pads, strides: 1-D, 2-D and 3-D kernels, groups and depthwise alik
 ``W`` (O, I/g, k1, ..., kn) is rebuilt by ``onnxvq.ops.vq_weight.decode_weight`` with rows = the
 O output channels, each row the flattened (I/g, k1, ..., kn) kernel, never transposed.
 
-Inputs: ``X``, ``codes``, ``codebook``, optional ``B`` (as Conv's bias).
+Inputs: ``X``, ``codes``, ``codebook``, the variant's extras (``projection``, ``signs``, see
+``onnxvq.ops.vq_weight``), optional ``B`` (as Conv's bias).
 Attributes: Conv's, plus ``weight_shape``, ``weight_dtype``, ``code_bits``, ``method``.
 """
 
@@ -17,12 +18,11 @@ from onnx.reference.ops.op_conv import _conv_implementation
 
 from onnxvq.ops import vq_weight
 
-__all__ = ["CASES", "CONSUMER", "OP_TYPE", "input_vectors", "VQConv", "decode", "function", "weight_view"]
+__all__ = ["CASES", "CONSUMER", "OP_TYPE", "input_names", "input_vectors", "VQConv", "decode", "function", "weight_view"]
 
 OP_TYPE = "VQConv"
 CONSUMER = "Conv"
 CONSUMER_ATTRIBUTES = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
-INPUTS = ["X", "codes", "codebook", "B"]
 _REF_TYPES = {"auto_pad": "string", "group": "int"}  # the rest are ints
 
 
@@ -80,9 +80,16 @@ def is_transposed(attributes: dict) -> bool:
     return False
 
 
-def decode(codes: np.ndarray, codebook: np.ndarray, **attributes) -> np.ndarray:
+def input_names(variant: vq_weight.Variant) -> list[str]:
+    """The op's inputs for ``variant``, in node order (the bias last)."""
+    return ["X", *vq_weight.encoded_inputs(variant), "B"]
+
+
+def decode(codes: np.ndarray, codebook: np.ndarray, *, projection=None, signs=None, **attributes) -> np.ndarray:
     """The dense Conv weight this node stands for."""
-    return vq_weight.weight_from_attributes(codes, codebook, attributes, transposed=False)
+    return vq_weight.weight_from_attributes(
+        codes, codebook, attributes, transposed=False, projection=projection, signs=signs
+    )
 
 
 def function(variant: vq_weight.Variant, opset: int):
@@ -90,7 +97,7 @@ def function(variant: vq_weight.Variant, opset: int):
         f"{a}: {_REF_TYPES.get(a, 'ints')} = @{a}" for a in CONSUMER_ATTRIBUTES
     )
     return vq_weight.make_function(
-        op_type=OP_TYPE, variant=variant, opset=opset, inputs=INPUTS,
+        op_type=OP_TYPE, variant=variant, opset=opset, inputs=input_names(variant),
         attributes=list(CONSUMER_ATTRIBUTES), consumer=f"Y = Conv <{refs}> (X, w, B)",
     )
 
@@ -100,8 +107,10 @@ class VQConv(OpRun):
 
     op_domain = vq_weight.DOMAIN
 
-    def _run(self, X, codes, codebook, B=None, **attributes):
-        W = decode(codes, codebook, **attributes)
+    def _run(self, X, codes, codebook, *rest, **attributes):
+        extras, rest = vq_weight.split_inputs(self.onnx_node.overload, rest)
+        B = rest[0] if rest else None
+        W = decode(codes, codebook, **extras, **attributes)
         conv = {a: attributes.get(a) for a in CONSUMER_ATTRIBUTES}
         conv["auto_pad"] = conv["auto_pad"] or "NOTSET"
         conv["group"] = conv["group"] or 1

@@ -5,7 +5,8 @@ Math: ``Y = alpha * A' @ B' + beta * C`` with ``A' = A.T`` if transA, ``B' = B.T
 ``onnxvq.ops.vq_weight.decode_weight``. Rows of the encoded matrix are the N outputs: ``B`` itself
 when transB=1 (shape N x K), ``B.T`` when transB=0 (K x N, the *transposed* layout).
 
-Inputs: ``A``, ``codes``, ``codebook``, optional ``C``.
+Inputs: ``A``, ``codes``, ``codebook``, the variant's extras (``projection``, ``signs``, see
+``onnxvq.ops.vq_weight``), optional ``C``.
 Attributes: alpha, beta, transA, transB, plus ``weight_shape``, ``weight_dtype``, ``code_bits``,
 ``method``.
 """
@@ -18,12 +19,11 @@ from onnx.reference.ops.op_gemm import Gemm_7
 
 from onnxvq.ops import vq_weight
 
-__all__ = ["CASES", "CONSUMER", "OP_TYPE", "input_vectors", "VQGemm", "decode", "function", "weight_view"]
+__all__ = ["CASES", "CONSUMER", "OP_TYPE", "input_names", "input_vectors", "VQGemm", "decode", "function", "weight_view"]
 
 OP_TYPE = "VQGemm"
 CONSUMER = "Gemm"
 CONSUMER_ATTRIBUTES = ("alpha", "beta", "transA", "transB")
-INPUTS = ["A", "codes", "codebook", "C"]
 
 
 def is_transposed(attributes: dict) -> bool:
@@ -44,10 +44,15 @@ def input_vectors(x: np.ndarray, weight_shape, attributes: dict, select) -> np.n
     a = x.T if attributes.get("transA", 0) else x
     return a[select(a.shape[0])][:, None, :]
 
-def decode(codes: np.ndarray, codebook: np.ndarray, **attributes) -> np.ndarray:
+def input_names(variant: vq_weight.Variant) -> list[str]:
+    """The op's inputs for ``variant``, in node order (the bias last)."""
+    return ["A", *vq_weight.encoded_inputs(variant), "C"]
+
+
+def decode(codes: np.ndarray, codebook: np.ndarray, *, projection=None, signs=None, **attributes) -> np.ndarray:
     """The dense B this node stands for."""
     return vq_weight.weight_from_attributes(
-        codes, codebook, attributes, transposed=is_transposed(attributes)
+        codes, codebook, attributes, transposed=is_transposed(attributes), projection=projection, signs=signs
     )
 
 
@@ -57,7 +62,7 @@ def function(variant: vq_weight.Variant, opset: int):
         "transB: int = @transB> (A, w, C)"
     )
     return vq_weight.make_function(
-        op_type=OP_TYPE, variant=variant, opset=opset, inputs=INPUTS,
+        op_type=OP_TYPE, variant=variant, opset=opset, inputs=input_names(variant),
         attributes=list(CONSUMER_ATTRIBUTES), consumer=consumer,
     )
 
@@ -67,8 +72,10 @@ class VQGemm(OpRun):
 
     op_domain = vq_weight.DOMAIN
 
-    def _run(self, A, codes, codebook, C=None, **attributes):
-        B = decode(codes, codebook, **attributes)
+    def _run(self, A, codes, codebook, *rest, **attributes):
+        extras, rest = vq_weight.split_inputs(self.onnx_node.overload, rest)
+        C = rest[0] if rest else None
+        B = decode(codes, codebook, **extras, **attributes)
         return Gemm_7._run(
             self,
             A,

@@ -6,7 +6,8 @@ numpy ``matmul`` semantics (broadcast batch axes), where ``W`` is rebuilt by
 ``swapaxes(W, -1, -2)`` for a right weight (..., K, N), the *transposed* layout, and ``W`` itself
 for a left weight (..., M, K).
 
-Inputs: ``X`` (the activation, whichever side it multiplies from), ``codes``, ``codebook``.
+Inputs: ``X`` (the activation, whichever side it multiplies from), ``codes``, ``codebook``, the
+variant's extras (``projection``, ``signs``, see ``onnxvq.ops.vq_weight``).
 Attributes: ``weight_left`` (int, 0 or 1), plus ``weight_shape``, ``weight_dtype``, ``code_bits``,
 ``method``.
 """
@@ -18,12 +19,11 @@ from onnx.reference.op_run import OpRun
 
 from onnxvq.ops import vq_weight
 
-__all__ = ["CASES", "CONSUMER", "OP_TYPE", "input_vectors", "VQMatMul", "decode", "function", "weight_view"]
+__all__ = ["CASES", "CONSUMER", "OP_TYPE", "input_names", "input_vectors", "VQMatMul", "decode", "function", "weight_view"]
 
 OP_TYPE = "VQMatMul"
 CONSUMER = "MatMul"
 CONSUMER_ATTRIBUTES = ()
-INPUTS = ["X", "codes", "codebook"]
 
 
 def is_transposed(attributes: dict) -> bool:
@@ -48,17 +48,22 @@ def input_vectors(x: np.ndarray, weight_shape, attributes: dict, select) -> np.n
     vectors = vectors.reshape(-1, k)
     return vectors[select(vectors.shape[0])][:, None, :]
 
-def decode(codes: np.ndarray, codebook: np.ndarray, **attributes) -> np.ndarray:
+def input_names(variant: vq_weight.Variant) -> list[str]:
+    """The op's inputs for ``variant``, in node order."""
+    return ["X", *vq_weight.encoded_inputs(variant)]
+
+
+def decode(codes: np.ndarray, codebook: np.ndarray, *, projection=None, signs=None, **attributes) -> np.ndarray:
     """The dense W this node stands for."""
     return vq_weight.weight_from_attributes(
-        codes, codebook, attributes, transposed=is_transposed(attributes)
+        codes, codebook, attributes, transposed=is_transposed(attributes), projection=projection, signs=signs
     )
 
 
 def function(variant: vq_weight.Variant, opset: int):
     product = "Y = MatMul (w, X)" if variant.weight_left else "Y = MatMul (X, w)"
     return vq_weight.make_function(
-        op_type=OP_TYPE, variant=variant, opset=opset, inputs=INPUTS,
+        op_type=OP_TYPE, variant=variant, opset=opset, inputs=input_names(variant),
         attributes=["weight_left"], consumer=product,
     )
 
@@ -68,8 +73,9 @@ class VQMatMul(OpRun):
 
     op_domain = vq_weight.DOMAIN
 
-    def _run(self, X, codes, codebook, **attributes):
-        W = decode(codes, codebook, **attributes)
+    def _run(self, X, codes, codebook, *rest, **attributes):
+        extras, _ = vq_weight.split_inputs(self.onnx_node.overload, rest)
+        W = decode(codes, codebook, **extras, **attributes)
         Y = np.matmul(W, X) if attributes.get("weight_left", 0) else np.matmul(X, W)
         return (Y.astype(X.dtype),)
 

@@ -8,8 +8,17 @@ Math (plain product quantization): with codes ``Q`` (rows x n_sub, unpacked as i
     W = M.reshape(weight_shape)                                       (not transposed)
     W = swapaxes(M.reshape(swap_last_two(weight_shape)), -1, -2)      (transposed)
 
-cast to ``weight_dtype`` (the layout is ``onnxvq.layout``). :func:`decode_weight` is the single
-numpy definition; :func:`decode_body` emits the same computation in standard ONNX ops for the
+cast to ``weight_dtype`` (the layout is ``onnxvq.layout``). Two optional encoded inputs change the
+decode, each present only in the variants that name it (:data:`EXTRA_INPUTS`, in this order
+between ``codebook`` and the bias):
+
+* ``projection`` (rank x d; low-rank ``lr2vq``): the codebook holds k x rank coordinates and the
+  codewords are ``C @ projection``, computed once per decode (k x rank x d multiply-adds) before
+  the gather, so a low-rank weight costs no more per inference than plain PQ;
+* ``signs`` (rows x ceil(cols / 8) uint8; sign-split ``ssvq``): ``M = M * unpack(signs)``, one
+  sign bit per weight, packed and gathered as in ``onnxvq.ops.signs``.
+
+:func:`decode_weight` is the single numpy definition; :func:`decode_body` emits the same computation in standard ONNX ops for the
 function bodies, and tests hold the two equal.
 
 Attributes every VQ op carries:
@@ -17,7 +26,7 @@ Attributes every VQ op carries:
 * ``weight_shape`` (tensor, int64 1-D): the dense weight's shape as the original consumer read it;
 * ``weight_dtype`` (int): ONNX element type of the dense weight (``TensorProto.FLOAT``, ...);
 * ``code_bits`` (int): 4, 8 or 16, how codes are packed (``onnxvq.ops.codes``);
-* ``method`` (string): the method that produced the encoding (``"pq"``), informational.
+* ``method`` (string): the method that produced the encoding (``"pq"``, ...), informational.
 
 Structure that differs between nodes (code packing, padding, transposition, operand side) is
 selected by the node's function *overload*, a pure function of the attributes and tensor shapes
@@ -41,17 +50,21 @@ import onnx.parser
 
 from onnxvq.layout import matrix_to_weight, subvectors_to_matrix
 from onnxvq.ops.codes import unpack_codes
+from onnxvq.ops.signs import SIGN_TABLE, unpack_signs
 
 __all__ = [
     "DOMAIN",
+    "EXTRA_INPUTS",
     "MIN_OPSET",
     "VERSION",
     "VQ_ATTRIBUTES",
     "Variant",
     "decode_body",
     "decode_weight",
+    "encoded_inputs",
     "make_function",
     "np_dtype",
+    "split_inputs",
     "weight_from_attributes",
 ]
 
@@ -59,6 +72,9 @@ DOMAIN = "ai.onnxvq"
 VERSION = 1
 VQ_ATTRIBUTES = ("weight_shape", "weight_dtype", "code_bits", "method")
 MIN_OPSET = 11
+# Optional encoded inputs, in their node order, with their overload tokens.
+EXTRA_INPUTS = ("projection", "signs")
+_EXTRA_TOKENS = {"projection": "lr", "signs": "sg"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +83,24 @@ class Variant:
 
     ``padded``: decoded rows are longer than ``cols`` (d does not divide a row, or an odd count of
     4-bit codes), so the body slices. ``transposed_rank``: 0, or the weight's rank when the layout
-    is transposed. ``weight_left``: MatMul only, the weight is the left operand.
+    is transposed. ``weight_left``: MatMul only, the weight is the left operand. ``extras``: which
+    of :data:`EXTRA_INPUTS` the node has (they follow ``codebook`` in that order).
     """
 
     code_bits: int
     padded: bool
     transposed_rank: int
     weight_left: bool = False
+    extras: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if tuple(e for e in EXTRA_INPUTS if e in self.extras) != tuple(self.extras):
+            raise ValueError(f"extras {self.extras!r} must be a sub-sequence of {EXTRA_INPUTS}")
 
     @property
     def overload(self) -> str:
         parts = [f"{self.code_bits}b"]
+        parts += [_EXTRA_TOKENS[e] for e in self.extras]
         if self.padded:
             parts.append("pad")
         if self.transposed_rank:
@@ -93,7 +116,8 @@ class Variant:
         if not parts[0].endswith("b"):
             raise ValueError(f"not a VQ overload: {overload!r}")
         rank = next((int(p[1:]) for p in parts[1:] if p.startswith("t")), 0)
-        return cls(int(parts[0][:-1]), "pad" in parts, rank, "left" in parts)
+        extras = tuple(e for e in EXTRA_INPUTS if _EXTRA_TOKENS[e] in parts)
+        return cls(int(parts[0][:-1]), "pad" in parts, rank, "left" in parts, extras)
 
     @classmethod
     def of(
@@ -105,7 +129,9 @@ class Variant:
         weight_shape,
         transposed: bool,
         weight_left: bool = False,
+        extras=(),
     ) -> "Variant":
+        """``d`` is the length of a decoded codeword (the projection's width when low-rank)."""
         rows = int(codes_shape[0])
         per_row = int(codes_shape[1]) * (2 if code_bits == 4 else 1)
         cols = math.prod(int(s) for s in weight_shape) // rows
@@ -114,7 +140,13 @@ class Variant:
             padded=per_row * d != cols,
             transposed_rank=len(weight_shape) if transposed else 0,
             weight_left=weight_left,
+            extras=tuple(e for e in EXTRA_INPUTS if e in tuple(extras)),
         )
+
+
+def encoded_inputs(variant: Variant) -> list[str]:
+    """Names of the encoded inputs of a node of ``variant``, in node order."""
+    return ["codes", "codebook", *variant.extras]
 
 
 def np_dtype(onnx_dtype: int) -> np.dtype:
@@ -130,22 +162,36 @@ def decode_weight(
     weight_dtype: int,
     code_bits: int,
     transposed: bool,
+    projection: np.ndarray | None = None,
+    signs: np.ndarray | None = None,
 ) -> np.ndarray:
     """The dense weight a VQ node stands for (the numpy definition; see module docstring)."""
     weight_shape = tuple(int(s) for s in np.asarray(weight_shape).reshape(-1))
     index = unpack_codes(codes, int(code_bits))
     rows = index.shape[0]
     cols = math.prod(weight_shape) // rows
-    gathered = codebook.astype(np.float32)[index]  # (rows, n, d)
+    codewords = codebook.astype(np.float32)
+    if projection is not None:
+        codewords = codewords @ projection.astype(np.float32)
+    gathered = codewords[index]  # (rows, n, d)
     matrix = subvectors_to_matrix(gathered.reshape(rows, -1), cols)
+    if signs is not None:
+        matrix = matrix * unpack_signs(signs, cols)
     weight = matrix_to_weight(matrix, weight_shape, transposed)
     return np.ascontiguousarray(weight).astype(np_dtype(weight_dtype))
 
 
 def decode_body(variant: Variant) -> list[str]:
-    """ONNX text-format statements that compute ``w`` from ``codes`` and ``codebook``."""
-    lines = [
-        "cb = Cast <to: int = @weight_dtype> (codebook)",
+    """ONNX text-format statements that compute ``w`` from the encoded inputs."""
+    if "projection" in variant.extras:
+        lines = [
+            "cb_coords = Cast <to: int = @weight_dtype> (codebook)",
+            "proj = Cast <to: int = @weight_dtype> (projection)",
+            "cb = MatMul (cb_coords, proj)",
+        ]
+    else:
+        lines = ["cb = Cast <to: int = @weight_dtype> (codebook)"]
+    lines += [
         "idx = Cast <to = 7> (codes)",
         "zero = Constant <value = int64[1] {0}> ()",
         "one = Constant <value = int64[1] {1}> ()",
@@ -174,15 +220,31 @@ def decode_body(variant: Variant) -> list[str]:
         "flat = Reshape (gathered, rows_by_rest)",
         "wshape = Constant <value: tensor = @weight_shape> ()",
     ]
-    if variant.padded:
+    signed = "signs" in variant.extras
+    if variant.padded or signed:
         lines += [
             "numel = ReduceProd <keepdims = 1> (wshape)",
             "codes_shape = Shape (codes)",
             "rows = Gather <axis = 0> (codes_shape, zero)",
             "cols = Div (numel, rows)",
-            "matrix = Slice (flat, zero, cols, one)",
         ]
+    if variant.padded:
+        lines.append("matrix = Slice (flat, zero, cols, one)")
     matrix = "matrix" if variant.padded else "flat"
+    if signed:
+        table = ", ".join(f"{v:.0f}." for v in SIGN_TABLE.reshape(-1))
+        lines += [
+            # One Gather of a 256 x 8 table of +-1 per sign byte (DESIGN.md: the fastest
+            # standard-op decode of packed bits), then the row padding is dropped.
+            f"sign_table = Constant <value = float[256, 8] {{{table}}}> ()",
+            "sign_table_w = Cast <to: int = @weight_dtype> (sign_table)",
+            "sign_idx = Cast <to = 7> (signs)",
+            "sign_bytes = Gather <axis = 0> (sign_table_w, sign_idx)",
+            "sign_flat = Reshape (sign_bytes, rows_by_rest)",
+            "sign_matrix = Slice (sign_flat, zero, cols, one)",
+            f"signed = Mul ({matrix}, sign_matrix)",
+        ]
+        matrix = "signed"
     rank = variant.transposed_rank
     if rank:
         perm = list(range(rank - 2)) + [rank - 1, rank - 2]
@@ -228,9 +290,10 @@ def make_function(
 
 
 def weight_from_attributes(
-    codes: np.ndarray, codebook: np.ndarray, attributes: dict, *, transposed: bool
+    codes: np.ndarray, codebook: np.ndarray, attributes: dict, *, transposed: bool, **extras
 ) -> np.ndarray:
-    """:func:`decode_weight` fed from a node's attribute values (as ``onnx.reference`` gives them)."""
+    """:func:`decode_weight` fed from a node's attribute values (as ``onnx.reference`` gives them)
+    and its extra encoded inputs by name."""
     return decode_weight(
         codes,
         codebook,
@@ -238,4 +301,12 @@ def weight_from_attributes(
         weight_dtype=attributes.get("weight_dtype", onnx.TensorProto.FLOAT),
         code_bits=attributes["code_bits"],
         transposed=transposed,
+        **extras,
     )
+
+
+def split_inputs(overload: str, tensors) -> tuple[dict, list]:
+    """The tensors after ``codebook`` of a node of ``overload``: ({extra name: tensor}, rest)."""
+    variant = Variant.from_overload(overload) if overload else Variant(8, False, 0)
+    n = len(variant.extras)
+    return dict(zip(variant.extras, tensors[:n])), list(tensors[n:])

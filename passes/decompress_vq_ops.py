@@ -33,8 +33,10 @@ class DecompressVQOpsPass(ir.passes.InPlacePass):
         for node in vq_nodes:
             op = ops.op_module(node.op_type)
             inputs = list(node.inputs)
-            codes, codebook = inputs[1], inputs[2]
-            encoded_values.update(v for v in (codes, codebook) if v is not None)
+            n_encoded = len(ops.vq_weight.encoded_inputs(ops.Variant.from_overload(node.overload)))
+            encoded, rest = inputs[1 : 1 + n_encoded], inputs[1 + n_encoded :]
+            codes = encoded[0]
+            encoded_values.update(v for v in encoded if v is not None)
             if codes not in dense:
                 dense[codes] = _dense_weight(model.graph, op, node, taken)
             weight = dense[codes]
@@ -45,7 +47,7 @@ class DecompressVQOpsPass(ir.passes.InPlacePass):
             if op.CONSUMER == "MatMul":
                 new_inputs = [weight, inputs[0]] if weight_left else [inputs[0], weight]
             else:
-                new_inputs = [inputs[0], weight, *inputs[3:]]
+                new_inputs = [inputs[0], weight, *rest]
             replace_node(node, "", op.CONSUMER, new_inputs, list(attributes.values()))
         for value in encoded_values:
             remove_if_dead(value)
@@ -57,11 +59,14 @@ class DecompressVQOpsPass(ir.passes.InPlacePass):
 
 
 def _dense_weight(graph: ir.Graph, op, node: ir.Node, taken: set[str]) -> ir.Value:
-    codes, codebook = node.inputs[1], node.inputs[2]
+    codes, codebook, *extras = node.inputs[1:]
+    names = ops.vq_weight.encoded_inputs(ops.Variant.from_overload(node.overload))[2:]
     attributes = {}
     for name, attr in node.attributes.items():
         value = attr.value
         attributes[name] = value.numpy() if isinstance(value, ir.TensorProtocol) else value
+    for name, value in zip(names, extras):
+        attributes[name] = value.const_value.numpy()
     array = op.decode(codes.const_value.numpy(), codebook.const_value.numpy(), **attributes)
     name = codes.name
     if name.endswith(CODES_SUFFIX):

@@ -2,12 +2,12 @@
 
 Rule: for each ``(layer, packed)`` pair, the layer's node ``Conv(X, W[, B])``,
 ``Gemm(A, W[, C])``, ``MatMul(X, W)`` or ``MatMul(W, X)`` becomes
-``VQConv(X, codes, codebook[, B])`` (etc.) with the node's own attributes unchanged, the VQ
-attributes of ``onnxvq.ops.vq_weight`` added, and the overload of its structural variant. The new
-node keeps the old node's name, doc string, metadata and output values (so names, types and
-shapes downstream are untouched). A weight shared by several layers gets one pair of
-initializers, ``<weight>.vq_codes`` and ``<weight>.vq_codebook``, in the main graph (subgraph
-nodes read them from the outer scope). A dense weight left without users is removed: its
+``VQConv(X, codes, codebook[, projection][, signs][, B])`` (etc.) with the node's own attributes
+unchanged, the VQ attributes of ``onnxvq.ops.vq_weight`` added, and the overload of its structural
+variant. The new node keeps the old node's name, doc string, metadata and output values (so names,
+types and shapes downstream are untouched). A weight shared by several layers gets one set of
+initializers, ``<weight>.vq_codes``, ``<weight>.vq_codebook`` and ``<weight>.vq_<extra>`` for each
+extra encoded tensor, in the main graph (subgraph nodes read them from the outer scope). A dense weight left without users is removed: its
 initializer, or the ``Constant`` node that produced it. Nothing else in the graph changes.
 """
 
@@ -40,20 +40,21 @@ class ReplaceWithVQOpsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         taken = value_names(model)
-        stored: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
+        stored: dict[ir.Value, list[ir.Value]] = {}
         for layer, packed in self.replacements:
             if layer.weight not in stored:
-                stored[layer.weight] = (
-                    register_initializer(model.graph, layer.weight.name + CODES_SUFFIX, packed.codes, taken),
-                    register_initializer(model.graph, layer.weight.name + CODEBOOK_SUFFIX, packed.codebook, taken),
-                )
-            _replace_node(layer, packed, *stored[layer.weight])
+                tensors = {"codes": packed.codes, "codebook": packed.codebook, **packed.extras}
+                stored[layer.weight] = [
+                    register_initializer(model.graph, f"{layer.weight.name}.vq_{name}", array, taken)
+                    for name, array in tensors.items()
+                ]
+            _replace_node(layer, packed, stored[layer.weight])
         for weight in stored:
             remove_if_dead(weight)
         return ir.passes.PassResult(model, modified=bool(self.replacements))
 
 
-def _replace_node(layer: Layer, packed: PackedWeight, codes: ir.Value, codebook: ir.Value) -> None:
+def _replace_node(layer: Layer, packed: PackedWeight, encoded: list[ir.Value]) -> None:
     node = layer.node
     op = ops.op_for_consumer(node.op_type)
     inputs = list(node.inputs)
@@ -71,10 +72,11 @@ def _replace_node(layer: Layer, packed: PackedWeight, codes: ir.Value, codebook:
         weight_shape=packed.weight_shape,
         transposed=transposed,
         weight_left=layer.weight_left,
+        extras=tuple(packed.extras),
     )
     attributes = list(layer.consumer_attributes.values()) + _vq_attributes(packed)
     replace_node(
-        node, ops.DOMAIN, op.OP_TYPE, [activation, codes, codebook, *rest], attributes, variant.overload
+        node, ops.DOMAIN, op.OP_TYPE, [activation, *encoded, *rest], attributes, variant.overload
     )
     logger.debug("replaced %s %r by %s (%s)", layer.op_type, layer.name, op.OP_TYPE, variant.overload)
 

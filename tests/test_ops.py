@@ -16,31 +16,47 @@ from onnx.reference import ReferenceEvaluator
 
 from models import run_ort
 from onnxvq import ops
-from onnxvq.layout import WeightLayout
+from onnxvq.layout import WeightLayout, matrix_to_weight
 from onnxvq.ops.codes import code_bits_for_k, pack_codes
+from onnxvq.ops.signs import pack_signs
 
 ALL_CASES = [(mod, case) for mod in (ops.vq_conv, ops.vq_gemm, ops.vq_matmul) for case in mod.CASES]
 # (k, d, opset): 4-bit with a full and a short codebook, 8-bit, 16-bit; d dividing rows or not.
 CODINGS = [(16, 4, 11), (5, 3, 13), (256, 8, 17), (300, 5, 21)]
 
 
-def build(mod, case, k, d, opset, *, seed=0, codebook_dtype=np.float16):
-    """(VQ model, dense twin model, dense weight, feeds) for one conformance case."""
+def build(mod, case, k, d, opset, *, seed=0, codebook_dtype=np.float16, extras=()):
+    """(VQ model, dense twin model, dense weight, stored codes, codebook, {extra: tensor}) for
+    one conformance case; ``extras`` adds a rank-2 ``projection`` and/or packed ``signs``."""
     name, wshape, xshape, attrs, bias = case
     rng = np.random.default_rng(seed)
     transposed, row_axes = mod.weight_view(wshape, attrs)
     lay = WeightLayout(tuple(wshape), transposed, row_axes, d)
     codes = rng.integers(0, k, (lay.rows, lay.n_sub))
-    codebook = rng.standard_normal((k, d)).astype(codebook_dtype)
-    weight = lay.from_subvectors(codebook.astype(np.float32)[codes])
+    stored_extras = {}
+    if "projection" in extras:
+        codebook = rng.standard_normal((k, 2)).astype(codebook_dtype)
+        stored_extras["projection"] = rng.standard_normal((2, d)).astype(codebook_dtype)
+        codewords = codebook.astype(np.float32) @ stored_extras["projection"].astype(np.float32)
+    else:
+        codebook = rng.standard_normal((k, d)).astype(codebook_dtype)
+        codewords = codebook.astype(np.float32)
+    matrix = codewords[codes].reshape(lay.rows, -1)[:, : lay.cols]
+    if "signs" in extras:
+        negative = rng.random(matrix.shape) < 0.5
+        stored_extras["signs"] = pack_signs(negative)
+        matrix = matrix * np.where(negative, -1.0, 1.0).astype(np.float32)
+    weight = np.ascontiguousarray(matrix_to_weight(matrix, wshape, transposed))
     bits = code_bits_for_k(k)
     stored = pack_codes(codes, bits)
     variant = ops.Variant.of(
         code_bits=bits, codes_shape=stored.shape, d=d, weight_shape=wshape,
-        transposed=transposed, weight_left=bool(attrs.get("weight_left")),
+        transposed=transposed, weight_left=bool(attrs.get("weight_left")), extras=extras,
     )
-    inputs = ["X", "codes", "codebook"]
+    inputs = ["X", "codes", "codebook", *stored_extras]
     inits = [numpy_helper.from_array(stored, "codes"), numpy_helper.from_array(codebook, "codebook")]
+    inits += [numpy_helper.from_array(array, name) for name, array in stored_extras.items()]
+    n_encoded = len(inits)
     if bias is True:
         bias = (wshape[0],)
     if bias:
@@ -61,12 +77,12 @@ def build(mod, case, k, d, opset, *, seed=0, codebook_dtype=np.float16):
         ir_version=10,
     )
     weight_left = attrs.get("weight_left")
-    dense_inputs = (["W", "X"] if weight_left else ["X", "W"]) + inputs[3:]
+    dense_inputs = (["W", "X"] if weight_left else ["X", "W"]) + inputs[1 + n_encoded :]
     dense_attrs = {a: v for a, v in attrs.items() if a != "weight_left"}
     dense = helper.make_model(
         helper.make_graph(
             [helper.make_node(mod.CONSUMER, dense_inputs, ["Y"], **dense_attrs)], name, x_info, y_info,
-            [numpy_helper.from_array(weight, "W")] + inits[2:],
+            [numpy_helper.from_array(weight, "W")] + inits[n_encoded:],
         ),
         opset_imports=[helper.make_opsetid("", opset)],
         ir_version=8,
@@ -75,7 +91,7 @@ def build(mod, case, k, d, opset, *, seed=0, codebook_dtype=np.float16):
     inferred = onnx.shape_inference.infer_shapes(dense, strict_mode=True).graph.output[0]
     for model in (vq, dense):
         model.graph.output[0].CopyFrom(inferred)
-    return vq, dense, weight, stored, codebook
+    return vq, dense, weight, stored, codebook, stored_extras
 
 
 def _without_functions(model):
@@ -93,7 +109,7 @@ def _close(a, b):
 @pytest.mark.parametrize("k,d,opset", CODINGS, ids=lambda v: str(v))
 @pytest.mark.parametrize("mod,case", ALL_CASES, ids=[c[0] for _, c in ALL_CASES])
 def test_decode_is_exact(mod, case, k, d, opset):
-    _, _, weight, stored, codebook = build(mod, case, k, d, opset)
+    _, _, weight, stored, codebook, _ = build(mod, case, k, d, opset)
     attrs = dict(case[3])
     decoded = mod.decode(
         stored, codebook, weight_shape=np.array(case[1]), weight_dtype=TensorProto.FLOAT,
@@ -118,11 +134,51 @@ def test_all_implementations_agree(mod, case, k, d, opset):
         _close(got, expected)
 
 
+EXTRAS = [("projection",), ("signs",), ("projection", "signs")]
+
+
+@pytest.mark.parametrize("extras", EXTRAS, ids="+".join)
+@pytest.mark.parametrize("mod,case", ALL_CASES, ids=[c[0] for _, c in ALL_CASES])
+def test_extras_decode_is_exact(mod, case, extras):
+    """Low-rank and sign-split nodes: the numpy decode rebuilds the weight they stand for."""
+    for k, d, _ in CODINGS[:2]:  # 4-bit codes, d dividing the rows or not
+        _, _, weight, stored, codebook, stored_extras = build(mod, case, k, d, 13, extras=extras)
+        decoded = mod.decode(
+            stored, codebook, weight_shape=np.array(case[1]), weight_dtype=TensorProto.FLOAT,
+            code_bits=code_bits_for_k(k), **stored_extras, **case[3],
+        )
+        np.testing.assert_array_equal(decoded, weight)
+
+
+@pytest.mark.parametrize("extras", EXTRAS, ids="+".join)
+@pytest.mark.parametrize("mod,case", ALL_CASES, ids=[c[0] for _, c in ALL_CASES])
+def test_extras_all_implementations_agree(mod, case, extras):
+    """The function body (the projection product, the sign-table gather) equals the numpy
+    decode, in onnx.reference and onnxruntime, folded or not."""
+    for k, d, opset in (CODINGS[1], CODINGS[2]):
+        vq, dense, *_ = build(mod, case, k, d, opset, extras=extras)
+        onnx.checker.check_model(vq, full_check=True)
+        x = {"X": np.random.default_rng(1).standard_normal(case[2]).astype(np.float32)}
+        expected = run_ort(dense, x)[0]
+        numpy_ref = ReferenceEvaluator(_without_functions(vq), new_ops=ops.reference_ops()).run(None, x)[0]
+        body_ref = ReferenceEvaluator(onnx.inliner.inline_local_functions(vq)).run(None, x)[0]
+        ort_folded = run_ort(vq, x)[0]
+        ort_unfolded = run_ort(vq, x, disabled_optimizers=["ConstantFolding"])[0]
+        for got in (numpy_ref, body_ref, ort_folded, ort_unfolded):
+            assert got.shape == expected.shape
+            _close(got, expected)
+
+
 def test_variant_overload_roundtrip():
     for variant in (
         ops.Variant(4, True, 0), ops.Variant(8, False, 2), ops.Variant(16, True, 3, True),
+        ops.Variant(8, True, 2, False, ("projection",)), ops.Variant(4, False, 0, True, ("signs",)),
+        ops.Variant(16, True, 3, False, ("projection", "signs")),
     ):
         assert ops.Variant.from_overload(variant.overload) == variant
+    assert ops.Variant(8, False, 0, extras=("projection", "signs")).overload == "8b.lr.sg"
+    with pytest.raises(ValueError, match="sub-sequence"):
+        ops.Variant(8, False, 0, extras=("signs", "projection"))
 
 
 def test_body_casts_codebook_to_weight_dtype():
