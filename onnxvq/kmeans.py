@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-__all__ = ["KMeansResult", "kmeans"]
+__all__ = ["KMeansResult", "assign", "kmeans"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +105,16 @@ def kmeans(
         else:
             codes, dist = groups.assign(codebook, chunk, pool)
         return KMeansResult(codebook, codes, groups.inertia(codebook, codes), iterations)
+
+
+def assign(points: np.ndarray, codebook: np.ndarray, *, chunk_bytes: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest codeword of each of ``points`` (n, d) in ``codebook`` (k, d): (codes int64, squared
+    distances float32), with the chunked, threaded augmented GEMM of :func:`kmeans`."""
+    x = np.ascontiguousarray(points, dtype=np.float32)
+    codebook = np.ascontiguousarray(codebook, dtype=np.float32)
+    chunk = max(256, int(chunk_bytes // (4 * len(codebook))))
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(_usable_cores()) as pool:
+        return _Groups(x, None, None).assign(codebook, chunk, pool)
 
 
 class _Groups:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from onnxvq.errors import OnnxVQError
 from onnxvq.methods.base import Encoded, Method, MethodParams
+from onnxvq.methods.lr2vq import LR2VQ, LR2VQParams
 from onnxvq.methods.pq import PQ, PQParams
 
-__all__ = ["METHODS", "Encoded", "Method", "MethodParams", "PQ", "PQParams", "get_method"]
+__all__ = ["LR2VQ", "LR2VQParams", "METHODS", "Encoded", "Method", "MethodParams", "PQ", "PQParams", "get_method"]
 
 METHODS: dict[str, type[Method]] = {
     PQ.name: PQ,
+    LR2VQ.name: LR2VQ,
 }
 
 
