@@ -57,9 +57,10 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the compressed model.")
-@click.option("--method", default=None, help="Method for all layers: pq. [default: pq]")
+@click.option("--method", default=None, help="Method for all layers: pq, lr2vq, ssvq. [default: pq]")
 @click.option("-k", "k", type=int, default=None, help="Codewords per codebook (2..65536). [default: 256]")
 @click.option("-d", "d", type=int, default=None, help="Subvector length. [default: 8]")
+@click.option("--rank", default=None, metavar="auto|N", help="lr2vq: clustering dimension (1..d), or auto to choose it per layer. [default: auto]")
 @click.option("--config", "config_path", type=click.Path(), default=None, help="JSON or YAML config (per-layer overrides).")
 @click.option("--skip", multiple=True, metavar="NAME_OR_re:PATTERN", help="Leave a layer dense (repeatable).")
 @click.option("--min-size", type=int, default=None, help="Leave layers with fewer weights dense. [default: 1024]")
@@ -80,7 +81,7 @@ def main() -> None:
 @click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @_user_errors
-def compress(model, output, method, k, d, config_path, skip, min_size, seed, codebook_dtype,
+def compress(model, output, method, k, d, rank, config_path, skip, min_size, seed, codebook_dtype,
              report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
              train_rest, weight_only, holdout, quiet):
     """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops.
@@ -98,7 +99,7 @@ def compress(model, output, method, k, d, config_path, skip, min_size, seed, cod
     config = CompressConfig.from_file(config_path) if config_path else CompressConfig()
     config = config.merged(
         method=method, k=k, d=d, skip=list(skip) or None, min_size=min_size, seed=seed,
-        codebook_dtype=codebook_dtype,
+        codebook_dtype=codebook_dtype, rank=_rank(rank),
     )
     tuning = {
         key: value
@@ -122,6 +123,16 @@ def compress(model, output, method, k, d, config_path, skip, min_size, seed, cod
     if not quiet:
         click.echo(result.summary.format())
     click.echo(f"wrote {_paths(written)}")
+
+
+def _rank(value: str | None) -> int | str | None:
+    """``--rank``: ``auto`` or a positive integer."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise OnnxVQError(f"--rank must be 'auto' or an integer, got {value!r}") from None
 
 
 @main.command()

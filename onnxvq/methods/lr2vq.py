@@ -143,11 +143,14 @@ class LR2VQ(Method):
             projection = np.eye(params.d, dtype=np.float32)
             return Encoded(self.name, pq.codes, pq.codebook, {**pq.stats, **stats}, {"projection": projection})
 
-        factors = _encode_low_rank(points, metric, directions[:, :rank], k, params, cluster_seed)
+        padding = None
+        if layout.tail < params.d:  # the last subvector of every row
+            padding = (np.arange(layout.n_sub - 1, len(points), layout.n_sub), layout.tail)
+        factors = _encode_low_rank(points, metric, directions[:, :rank], k, params, cluster_seed, padding)
         if hessian is not None:
             factors = _refit_full_output(subvectors, factors, metric, hessian)
             plain = _encode_low_rank(points, np.eye(params.d), _principal(points, np.eye(params.d))[1][:, :rank],
-                                     k, params, cluster_seed)
+                                     k, params, cluster_seed, padding)
             if _output_error(subvectors, plain, hessian) < _output_error(subvectors, factors, hessian):
                 factors = plain
                 stats["data_aware"] = "weight-space encoding kept (lower output error)"
@@ -241,28 +244,41 @@ def _principal(points: np.ndarray, whitening: np.ndarray) -> tuple[np.ndarray, n
     return np.maximum(values[order], 0.0), vectors[:, order]
 
 
-def _encode_low_rank(points, metric, basis, k, params, seed):
+def _encode_low_rank(points, metric, basis, k, params, seed, padding):
     """Steps 1-3 of the module docstring for a fixed rank: (codes, C, P, refine rounds)."""
     whitening = np.linalg.cholesky(metric)
     whitened = (points.astype(np.float64) @ whitening).astype(np.float32)
     result = kmeans(whitened @ basis.astype(np.float32), k, seed=seed, max_iter=params.max_iter)
     projection = basis.T @ np.linalg.inv(whitening)  # x^ L = c V_r'
-    return _alternate(points, whitened, whitening, metric, result.codes, result.codebook.astype(np.float64),
-                      projection, k, params.refine_iter)
+    return _alternate(points, whitening, metric, result.codes, result.codebook.astype(np.float64),
+                      projection, k, params.refine_iter, padding)
 
 
-def _alternate(points, whitened, whitening, metric, codes, codebook, projection, k, rounds):
-    """Alternating least squares on ``F`` (step 3); returns the best state seen."""
+def _alternate(points, whitening, metric, codes, codebook, projection, k, rounds, padding):
+    """Alternating least squares on ``F`` (step 3); returns the best state seen.
+
+    ``padding`` = (indices of the subvectors whose tail is padding, meaningful length) or None.
+    Padding must not count: ``F`` masks it, padded subvectors are assigned by their meaningful
+    entries alone, and before each round the padded entries are set to their current decoded
+    values (EM-style imputation: the imputed objective bounds the masked one from above and
+    touches it at the current state, so each least-squares step still lowers the masked ``F``).
+    """
     x = points.astype(np.float64)
 
     def objective(c, p, a):
-        decoded = (c @ p)[a]
-        diff = (x - decoded) @ whitening
+        diff = x - (c @ p)[a]
+        if padding is not None:
+            diff[padding[0], padding[1] :] = 0.0
+        diff = diff @ whitening
         return float(np.einsum("nd,nd->", diff, diff))
 
     best = (objective(codebook, projection, codes), codes, codebook, projection)
     iterations = 0
     for iterations in range(1, rounds + 1):
+        if padding is not None:
+            idx, tail = padding
+            x[idx, tail:] = (codebook @ projection)[codes[idx], tail:]
+        whitened = (x @ whitening).astype(np.float32)
         counts = np.bincount(codes, minlength=k).astype(np.float64)
         sums = np.zeros((k, x.shape[1]))
         for j in range(x.shape[1]):  # bincount per column: far faster than np.add.at
@@ -278,8 +294,14 @@ def _alternate(points, whitened, whitening, metric, codes, codebook, projection,
         means = sums[filled] / counts[filled, None]
         codebook = codebook.copy()
         codebook[filled] = np.linalg.solve(inner + 1e-12 * np.trace(inner) * np.eye(len(inner)), pg @ means.T).T
-        # Codes for fixed C and P: nearest decoded codeword in the whitened metric.
-        codes, _ = assign(whitened, (codebook @ projection) @ whitening)
+        # Codes for fixed C and P: nearest decoded codeword in the whitened metric (over the
+        # meaningful entries only for padded subvectors: G's leading block, its own factor).
+        decoded = codebook @ projection
+        codes, _ = assign(whitened, decoded @ whitening)
+        if padding is not None:
+            idx, tail = padding
+            lead = np.linalg.cholesky(metric[:tail, :tail])
+            codes[idx], _ = assign(points[idx, :tail] @ lead, decoded[:, :tail] @ lead)
         value = objective(codebook, projection, codes)
         previous = best[0]
         if value < previous:
