@@ -6,12 +6,15 @@ from onnxvq.errors import OnnxVQError
 from onnxvq.methods.base import Encoded, Method, MethodParams
 from onnxvq.methods.lr2vq import LR2VQ, LR2VQParams
 from onnxvq.methods.pq import PQ, PQParams
+from onnxvq.methods.ssvq import SSVQ, SSVQParams
 
-__all__ = ["LR2VQ", "LR2VQParams", "METHODS", "Encoded", "Method", "MethodParams", "PQ", "PQParams", "get_method"]
+__all__ = ["LR2VQ", "LR2VQParams", "METHODS", "Encoded", "Method", "MethodParams", "PQ", "PQParams", "SSVQ", "SSVQParams",
+           "get_method"]
 
 METHODS: dict[str, type[Method]] = {
     PQ.name: PQ,
     LR2VQ.name: LR2VQ,
+    SSVQ.name: SSVQ,
 }
 
 
