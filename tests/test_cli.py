@@ -112,7 +112,7 @@ def _bad_inputs(tmp_path, model_path):
         ("truncated", [truncated, "-o", out], "is not a valid ONNX model"),
         ("missing file", [tmp_path / "nope.onnx", "-o", out], "no such file"),
         ("missing external data", [external, "-o", out], "external data file 'ext.onnx.data' of tensor"),
-        ("unknown method", [model_path, "-o", out, "--method", "zip"], "unknown method 'zip'; available: pq"),
+        ("unknown method", [model_path, "-o", out, "--method", "zip"], "unknown method 'zip'; available: lr2vq, pq, ssvq"),
         ("k < 2", [model_path, "-o", out, "-k", "1"], "k must be at least 2"),
         ("d < 1", [model_path, "-o", out, "-d", "0"], "d must be at least 1"),
         ("unmatched key", [model_path, "-o", out, "--skip", "re:nothing.*"], "matches no layer; run `onnxvq inspect"),

@@ -84,7 +84,7 @@ def test_keys_matching_nothing_are_errors(config, message):
         ({"k": 1}, "k must be at least 2"),
         ({"d": 0}, "d must be at least 1"),
         ({"k": 70000}, "k must be at most 65536"),
-        ({"method": "nope"}, "unknown method 'nope'; available: pq"),
+        ({"method": "nope"}, "unknown method 'nope'; available: lr2vq, pq, ssvq"),
         ({"colour": "blue"}, "unknown config key"),
         ({"layers": {"conv2": {"kk": 3}}}, "unknown setting"),
         ({"layers": {"conv2": {"k": 1}}}, "k must be at least 2"),
