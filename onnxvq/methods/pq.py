@@ -19,12 +19,12 @@ import dataclasses
 
 import numpy as np
 
-from onnxvq.kmeans import kmeans
+from onnxvq.kmeans import KMeansResult, kmeans
 from onnxvq.weighted_kmeans import output_error, refit_codebook, weighted_kmeans
 from onnxvq.layout import WeightLayout
 from onnxvq.methods.base import Encoded, Method, MethodParams
 
-__all__ = ["PQ", "PQParams"]
+__all__ = ["PQ", "PQParams", "subvector_kmeans"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,18 @@ class PQParams(MethodParams):
             raise ValueError(f"max_iter must be a positive integer (got {self.max_iter!r})")
 
 
+def subvector_kmeans(subvectors: np.ndarray, layout: WeightLayout, k: int, *, seed, max_iter: int) -> KMeansResult:
+    """k-means of a layer's (rows, n_sub, d) subvectors, k capped by their number, the padding of
+    each row's last subvector ignored (partial points of ``onnxvq.kmeans``)."""
+    points = subvectors.reshape(-1, layout.d)
+    partial = None
+    if layout.tail < layout.d:
+        partial = np.zeros((layout.rows, layout.n_sub), bool)
+        partial[:, -1] = True
+        partial = partial.reshape(-1)
+    return kmeans(points, min(k, len(points)), seed=seed, max_iter=max_iter, partial=partial, tail=layout.tail)
+
+
 class PQ(Method):
     name = "pq"
     Params = PQParams
@@ -58,21 +70,7 @@ class PQ(Method):
     def encode(self, weight, *, transposed, row_axes, params, seed, inputs=None) -> Encoded:
         layout = WeightLayout(tuple(weight.shape), transposed, row_axes, params.d)
         subvectors = layout.to_subvectors(weight)  # (rows, n_sub, d)
-        points = subvectors.reshape(-1, params.d)
-        partial = None
-        if layout.tail < params.d:
-            partial = np.zeros((layout.rows, layout.n_sub), bool)
-            partial[:, -1] = True
-            partial = partial.reshape(-1)
-        k = min(params.k, len(points))
-        result = kmeans(
-            points,
-            k,
-            seed=seed,
-            max_iter=params.max_iter,
-            partial=partial,
-            tail=layout.tail,
-        )
+        result = subvector_kmeans(subvectors, layout, params.k, seed=seed, max_iter=params.max_iter)
         codes, codebook = result.codes.reshape(layout.rows, layout.n_sub), result.codebook
         stats = {"kmeans_iterations": result.iterations}
         if inputs is not None:

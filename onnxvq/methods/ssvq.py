@@ -36,9 +36,9 @@ import math
 
 import numpy as np
 
-from onnxvq.kmeans import kmeans
 from onnxvq.layout import WeightLayout
 from onnxvq.methods.base import Encoded, Method, MethodParams
+from onnxvq.methods.pq import subvector_kmeans
 from onnxvq.ops.signs import pack_signs, packed_sign_bytes
 from onnxvq.weighted_kmeans import output_error, refit_codebook, weighted_kmeans
 
@@ -213,22 +213,8 @@ def signed_output_error(
 
 
 def _magnitude_kmeans(magnitudes, layout, params, seed):
-    """Weight-space k-means of the magnitude subvectors, exactly as PQ clusters its subvectors
-    (the padding of each row's last subvector ignored)."""
-    points = magnitudes.reshape(-1, params.d)
-    partial = None
-    if layout.tail < params.d:
-        partial = np.zeros((layout.rows, layout.n_sub), bool)
-        partial[:, -1] = True
-        partial = partial.reshape(-1)
-    result = kmeans(
-        points,
-        min(params.k, len(points)),
-        seed=seed,
-        max_iter=params.max_iter,
-        partial=partial,
-        tail=layout.tail,
-    )
+    """Weight-space k-means of the magnitude subvectors, exactly as PQ clusters its subvectors."""
+    result = subvector_kmeans(magnitudes, layout, params.k, seed=seed, max_iter=params.max_iter)
     return result.codes.reshape(layout.rows, layout.n_sub), result.codebook, result.iterations
 
 
