@@ -50,7 +50,7 @@ import onnx.parser
 
 from onnxvq.layout import matrix_to_weight, subvectors_to_matrix
 from onnxvq.ops.codes import unpack_codes
-from onnxvq.ops.signs import SIGN_TABLE, unpack_signs
+from onnxvq.ops.signs import unpack_signs
 
 __all__ = [
     "DOMAIN",
@@ -232,11 +232,24 @@ def decode_body(variant: Variant) -> list[str]:
         lines.append("matrix = Slice (flat, zero, cols, one)")
     matrix = "matrix" if variant.padded else "flat"
     if signed:
-        table = ", ".join(f"{v:.0f}." for v in SIGN_TABLE.reshape(-1))
+        byte_values = ", ".join(str(b) for b in range(256))
         lines += [
             # One Gather of a 256 x 8 table of +-1 per sign byte (DESIGN.md: the fastest
-            # standard-op decode of packed bits), then the row padding is dropped.
-            f"sign_table = Constant <value = float[256, 8] {{{table}}}> ()",
+            # standard-op decode of packed bits), then the row padding is dropped. The table,
+            # 1 - 2 * (floor(b / 2^j) mod 2), is computed from 256 bytes rather than stored as
+            # 2048 floats: 8 kB per function body would weigh on small models (constant folding
+            # removes the computation).
+            f"bytes_u8 = Constant <value = uint8[256, 1] {{{byte_values}}}> ()",
+            "bytes_f = Cast <to = 1> (bytes_u8)",
+            "bit_weights = Constant <value = float[1, 8] {1, 2, 4, 8, 16, 32, 64, 128}> ()",
+            "shifted = Div (bytes_f, bit_weights)",
+            "floored = Floor (shifted)",
+            "two = Constant <value = float[1] {2}> ()",
+            "bits = Mod <fmod = 1> (floored, two)",
+            "minus_two = Constant <value = float[1] {-2}> ()",
+            "plus_one = Constant <value = float[1] {1}> ()",
+            "scaled_bits = Mul (bits, minus_two)",
+            "sign_table = Add (scaled_bits, plus_one)",
             "sign_table_w = Cast <to: int = @weight_dtype> (sign_table)",
             "sign_idx = Cast <to = 7> (signs)",
             "sign_bytes = Gather <axis = 0> (sign_table_w, sign_idx)",
