@@ -38,7 +38,7 @@ SEED = 0
 
 def relative_error(weight, encoded, layout, hessian) -> float:
     target = layout.to_subvectors(weight)
-    codewords = encoded.codebook @ encoded.extras["projection"]
+    codewords = encoded.codebook @ encoded.extras.get("projection", np.eye(layout.d))
     if hessian is None:
         decoded = layout.from_subvectors(codewords[encoded.codes])
         return float(((decoded - weight) ** 2).sum() / (weight**2).sum())

@@ -265,7 +265,7 @@ def _reports(
         if packed is not None:
             report.method, report.k, report.d = packed.method, packed.k, packed.d
             report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
-            report.rank = packed.rank
+            report.rank = packed.rank if packed.rank is not None else packed.stats.get("rank")
             report.sqnr_db, report.output_sqnr_db = sqnr, output_sqnr
             report.finetune = dict(job.finetune_stats) or None
         reports.append(report)

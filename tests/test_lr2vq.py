@@ -29,7 +29,7 @@ def low_rank_weight(rows, cols, k, m, r, seed=0, noise=0.0):
 
 
 def decode(encoded, layout):
-    codewords = encoded.codebook @ encoded.extras["projection"]
+    codewords = encoded.codebook @ encoded.extras.get("projection", np.eye(encoded.codebook.shape[1]))
     return layout.from_subvectors(codewords[encoded.codes])
 
 
@@ -68,7 +68,7 @@ def test_rank_d_is_plain_pq():
     lr = encode(w, k=32, d=8, rank=8)
     np.testing.assert_array_equal(lr.codes, pq.codes)
     np.testing.assert_array_equal(lr.codebook, pq.codebook)
-    np.testing.assert_array_equal(lr.extras["projection"], np.eye(8, dtype=np.float32))
+    assert lr.extras == {} and lr.stats["rank"] == 8  # P = I is not stored
     layout = WeightLayout(w.shape, False, 1, 8)
     np.testing.assert_array_equal(decode(lr, layout), layout.from_subvectors(pq.codebook[pq.codes]))
 
@@ -115,7 +115,7 @@ def test_data_aware_is_never_worse_in_output_error():
     target = layout.to_subvectors(w)
 
     def out_err(enc):
-        return output_error(target, enc.codes, enc.codebook @ enc.extras["projection"], hessian)
+        return output_error(target, enc.codes, enc.codebook @ enc.extras.get("projection", np.eye(8)), hessian)
 
     for rank in (2, 5):
         assert out_err(encode(w, k=16, d=8, rank=rank, inputs=inputs)) <= out_err(encode(w, k=16, d=8, rank=rank)) * (1 + 1e-9)
@@ -136,7 +136,10 @@ def test_compressed_model_runs_in_plain_ort_and_matches_its_decompressed_twin():
     layers = result.summary.compressed_layers
     assert layers and all(l.rank is not None and 1 <= l.rank <= 8 for l in layers)
     compressed = result.to_proto()
-    assert all(n.overload.startswith(("4b.lr", "8b.lr")) for n in compressed.graph.node if n.domain == "ai.onnxvq")
+    ranks = {l.name: l.rank for l in layers}
+    for node in compressed.graph.node:
+        if node.domain == "ai.onnxvq":  # a projection input exactly when the rank is below d
+            assert (".lr" in node.overload) == (ranks[node.name] < 8), (node.name, node.overload)
     x = {"x": np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)}
     twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
     np.testing.assert_allclose(run_ort(compressed, x)[0], run_ort(twin, x)[0], rtol=1e-5, atol=1e-5)
@@ -193,3 +196,15 @@ def test_fine_tuned_lr2vq_end_to_end():
     quality = result.summary.calibration["quality"]
     assert quality["fine-tuned"].sqnr_db > quality["encoded"].sqnr_db
     assert all(l.rank == 3 for l in result.summary.compressed_layers)
+
+
+def test_full_rank_training_folds_the_projection_into_the_codebook():
+    w = np.random.default_rng(9).standard_normal((32, 64)).astype(np.float32)
+    layout = WeightLayout(w.shape, False, 1, 8)
+    enc = encode(w, k=16, d=8, rank=8)
+    module = get_method("lr2vq").trainable(enc, layout, LR2VQParams(k=16, d=8, rank=8))
+    with torch.no_grad():
+        module.projection.add_(0.1)
+    learned = module.to_encoded()
+    assert learned.extras == {} and learned.codebook.shape == (16, 8)
+    np.testing.assert_allclose(decode(learned, layout), module().detach().numpy(), atol=1e-5)

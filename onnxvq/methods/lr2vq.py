@@ -46,8 +46,9 @@ grid refined around its best point. With data the errors are whitened, so ``r`` 
 see different inputs), the estimate's ``r`` is then encoded next to ``r = m`` and the one with
 the lower *full* output error is kept (``stats["rank_estimate"]`` records an overruled estimate).
 
-``r = m`` runs :class:`onnxvq.methods.pq.PQ` itself (same seed, same codes and codebook) with
-``P = I``, so ``lr2vq --rank m`` is exactly ``pq``.
+``r = m`` runs :class:`onnxvq.methods.pq.PQ` itself (same seed, same codes and codebook) and
+stores no projection (``P = I``), so ``lr2vq --rank m`` is exactly ``pq``, byte for byte in the
+tensors; fine-tuning still learns a ``P`` (starting at ``I``) and folds it into the codebook.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ class LR2VQ(Method):
                 weight, transposed=layout.transposed, row_axes=layout.row_axes, seed=seed, inputs=inputs,
                 params=PQParams(k=params.k, d=params.d, max_iter=params.max_iter),
             )
-            return Encoded(self.name, pq.codes, pq.codebook, pq.stats, {"projection": np.eye(params.d, dtype=np.float32)})
+            # P = I is not stored: a full-rank codebook is a plain k x m codebook.
+            return Encoded(self.name, pq.codes, pq.codebook, pq.stats)
         subvectors = layout.to_subvectors(weight)
         points = subvectors.reshape(-1, params.d)
         cluster_seed = np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, rank))
@@ -345,7 +347,8 @@ def _refit_full_output(subvectors, factors, metric, hessian):
 def _output_error(subvectors, encoded, hessian) -> float:
     """The full output error of (codes, C, P, ...) factors or of an :class:`Encoded` value."""
     if isinstance(encoded, Encoded):
-        codes, codebook, projection = encoded.codes, encoded.codebook, encoded.extras["projection"]
+        codes, codebook = encoded.codes, encoded.codebook
+        projection = encoded.extras.get("projection", np.eye(codebook.shape[1]))
     else:
         codes, codebook, projection, _ = encoded
     rows, n_sub, _ = subvectors.shape

@@ -27,15 +27,17 @@ class LR2VQWeight(TrainableWeight):
         super().__init__(layout)
         self.encoded = encoded
         self.codebook = torch.nn.Parameter(torch.from_numpy(np.array(encoded.codebook, np.float32)))
-        self.projection = torch.nn.Parameter(torch.from_numpy(np.array(encoded.extras["projection"], np.float32)))
+        projection = encoded.extras.get("projection", np.eye(layout.d))  # full rank: P = I, not stored
+        self.projection = torch.nn.Parameter(torch.from_numpy(np.array(projection, np.float32)))
         self.register_buffer("codes", torch.from_numpy(encoded.codes.astype(np.int64)))
 
     def matrix(self) -> torch.Tensor:
         return gather_matrix(self.codebook @ self.projection, self.codes, self.layout)
 
     def to_encoded(self) -> Encoded:
-        return dataclasses.replace(
-            self.encoded,
-            codebook=self.codebook.detach().numpy().astype(np.float32),
-            extras={**self.encoded.extras, "projection": self.projection.detach().numpy().astype(np.float32)},
-        )
+        codebook = self.codebook.detach().numpy().astype(np.float32)
+        projection = self.projection.detach().numpy().astype(np.float32)
+        if projection.shape[0] == projection.shape[1]:
+            # full rank: C P is a k x m codebook like any other, no projection worth storing
+            return dataclasses.replace(self.encoded, codebook=codebook @ projection, extras={})
+        return dataclasses.replace(self.encoded, codebook=codebook, extras={"projection": projection})
