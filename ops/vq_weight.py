@@ -18,8 +18,8 @@ between ``codebook`` and the bias):
 * ``signs`` (rows x ceil(cols / 8) uint8; sign-split ``ssvq``): ``M = M * unpack(signs)``, one
   sign bit per weight, packed and gathered as in ``onnxvq.ops.signs``.
 
-:func:`decode_weight` is the single numpy definition; :func:`decode_body` emits the same computation in standard ONNX ops for the
-function bodies, and tests hold the two equal.
+:func:`decode_weight` is the single numpy definition; :func:`decode_body` emits the same
+computation in standard ONNX ops for the function bodies, and tests hold the two equal.
 
 Attributes every VQ op carries:
 
@@ -28,9 +28,10 @@ Attributes every VQ op carries:
 * ``code_bits`` (int): 4, 8 or 16, how codes are packed (``onnxvq.ops.codes``);
 * ``method`` (string): the method that produced the encoding (``"pq"``, ...), informational.
 
-Structure that differs between nodes (code packing, padding, transposition, operand side) is
-selected by the node's function *overload*, a pure function of the attributes and tensor shapes
-(:class:`Variant`), so each overload's body is straight-line standard ops.
+Structure that differs between nodes (code packing, extra inputs, padding, transposition, operand
+side) is selected by the node's function *overload*, a pure function of the attributes, the tensor
+shapes and which extra inputs are present (:class:`Variant`), so each overload's body is
+straight-line standard ops.
 
 Body facts (onnxruntime 1.31, DESIGN.md): ``Gather`` takes only int32/int64 indices, so codes are
 cast first; 4-bit codes decode fastest through a "pair codebook" (256 rows of two codewords,
