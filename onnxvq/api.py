@@ -372,7 +372,8 @@ def _provenance(
         "config": config.to_dict(),
         "calibration": dataclasses.asdict(tuning) if tuning else None,
         "layers": {
-            r.name: {"method": r.method, "k": r.k, "d": r.d, "rule": r.rule}
+            r.name: {"method": r.method, "k": r.k, "d": r.d, "rule": r.rule,
+                     **({"rank": r.rank} if r.rank is not None else {})}
             for r in reports
             if r.compressed
         },

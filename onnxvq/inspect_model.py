@@ -95,6 +95,9 @@ def format_inspection(info: dict) -> str:
 
 
 def _vq_layers(model: ir.Model) -> list[VQLayerInfo]:
+    # A full-rank lr2vq codebook stores no projection; its rank is in the provenance record.
+    provenance = json.loads(model.metadata_props.get(PROVENANCE_KEY) or "{}")
+    recorded = {name: layer.get("rank") for name, layer in (provenance.get("layers") or {}).items()}
     out = []
     for node in iter_nodes(model):
         if node.domain != ops.DOMAIN:
@@ -122,7 +125,7 @@ def _vq_layers(model: ir.Model) -> list[VQLayerInfo]:
                 params=params,
                 bytes=nbytes,
                 bits_per_weight=8.0 * nbytes / params,
-                rank=None if projection is None else int(projection.shape[0]),
+                rank=int(projection.shape[0]) if projection is not None else recorded.get(node.name),
                 sign_bits="signs" in encoded,
             )
         )

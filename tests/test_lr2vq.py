@@ -137,6 +137,8 @@ def test_compressed_model_runs_in_plain_ort_and_matches_its_decompressed_twin():
     assert layers and all(l.rank is not None and 1 <= l.rank <= 8 for l in layers)
     compressed = result.to_proto()
     ranks = {l.name: l.rank for l in layers}
+    from onnxvq.inspect_model import inspect_model  # full-rank layers store no projection: provenance
+    assert {v["name"]: v["rank"] for v in inspect_model(result.model)["vq_layers"]} == ranks
     for node in compressed.graph.node:
         if node.domain == "ai.onnxvq":  # a projection input exactly when the rank is below d
             assert (".lr" in node.overload) == (ranks[node.name] < 8), (node.name, node.overload)
