@@ -23,12 +23,11 @@ from onnxvq.candidates import Layer
 from onnxvq.packing import PackedWeight
 from onnxvq.passes._values import register_initializer, remove_if_dead, replace_node, value_names
 
-__all__ = ["CODES_SUFFIX", "CODEBOOK_SUFFIX", "ReplaceWithVQOpsPass"]
+__all__ = ["CODES_SUFFIX", "ReplaceWithVQOpsPass"]
 
 logger = logging.getLogger(__name__)
 
 CODES_SUFFIX = ".vq_codes"
-CODEBOOK_SUFFIX = ".vq_codebook"
 
 
 class ReplaceWithVQOpsPass(ir.passes.InPlacePass):
