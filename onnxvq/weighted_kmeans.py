@@ -86,7 +86,12 @@ _FLOAT64_MACS = 1 << 28
 
 
 def output_error(
-    subvectors: np.ndarray, codes: np.ndarray, codebook: np.ndarray, hessian: np.ndarray
+    subvectors: np.ndarray,
+    codes: np.ndarray,
+    codebook: np.ndarray,
+    hessian: np.ndarray,
+    *,
+    signs: np.ndarray | None = None,
 ) -> float:
     """``E = sum_r (m^_r - t_r)^T H (m^_r - t_r)`` for the rows decoded from ``codes``/``codebook``.
 
@@ -95,6 +100,9 @@ def output_error(
         codes: (rows, n_sub) or (rows * n_sub,) codeword indices.
         codebook: (k, d) codewords.
         hessian: ``H`` (n_sub*d, n_sub*d), or its diagonal (n_sub*d,); float64.
+        signs: optional (rows, n_sub, d) factors (``ssvq``'s +-1 signs, 0 at the padding) that
+            multiply both the decoded rows and the targets: ``m^_r = s_r * c^_r``,
+            ``t_r = s_r * S_r``.
 
     Rows are processed in chunks (``D @ H`` per chunk), so memory stays bounded.
 
@@ -108,7 +116,8 @@ def output_error(
     rows, n_sub, d = s.shape
     c = _as_codebook(codebook, d)
     codes = _as_codes(codes, rows, n_sub, len(c))
-    return _Outputs(s, codes, _as_hessian(hessian, n_sub, d)).error(c)
+    factors = None if signs is None else np.asarray(signs, np.float32).reshape(rows, n_sub * d)
+    return _Outputs(s, codes, _as_hessian(hessian, n_sub, d), factors).error(c)
 
 
 def weighted_kmeans(
@@ -436,8 +445,9 @@ class _Outputs:
     (k, d) array. Then ``Q P = scatter(G_P H)`` and ``b = scatter(T H)``.
     """
 
-    def __init__(self, s: np.ndarray, codes: np.ndarray, h: np.ndarray) -> None:
+    def __init__(self, s: np.ndarray, codes: np.ndarray, h: np.ndarray, factors: np.ndarray | None = None) -> None:
         rows, n_sub, d = s.shape
+        self.factors = factors  # (rows, width) multiplying every difference, or None
         self.shape = s.shape
         self.width = n_sub * d
         self.targets = s.reshape(rows, self.width)
@@ -470,6 +480,8 @@ class _Outputs:
     def _diff(self, codebook: np.ndarray, rows: slice) -> np.ndarray:
         diff = self._gather(codebook, rows)
         diff -= self.targets[rows]
+        if self.factors is not None:
+            diff *= self.factors[rows]
         return diff
 
     def error(self, codebook: np.ndarray) -> float:

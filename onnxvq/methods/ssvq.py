@@ -46,12 +46,6 @@ __all__ = ["SIGN_MODES", "SSVQ", "SSVQParams", "signed_output_error"]
 
 SIGN_MODES = ("fixed", "learn", "freeze")
 
-# Row chunks of the products with a full H: (chunk, width) blocks of about this many bytes.
-_CHUNK_BYTES = 32 << 20
-# Products with H of at most this many multiply-adds run in float64, larger ones in float32
-# (as in onnxvq.weighted_kmeans: about twice as fast, relative error ~1e-6 in E).
-_FLOAT64_MACS = 1 << 28
-
 
 @dataclasses.dataclass(frozen=True)
 class SSVQParams(MethodParams):
@@ -190,26 +184,10 @@ def signed_output_error(
         codebook: (k, d) magnitudes.
         hessian: ``H`` (n_sub*d, n_sub*d) padded, or its diagonal (n_sub*d,).
 
-    A diagonal ``H`` does not see signs (``D_s diag(h) D_s = diag(h)``), so that case is plain
-    :func:`~onnxvq.weighted_kmeans.output_error` of the magnitudes. A full ``H`` is applied to
-    chunks of rows, so memory stays bounded whatever the layer size.
+    :func:`~onnxvq.weighted_kmeans.output_error` with the signs as factors of both sides (chunked
+    over rows, so memory stays bounded whatever the layer size).
     """
-    h = np.asarray(hessian, np.float64)
-    if h.ndim == 1:
-        return output_error(magnitudes, codes, codebook, h)
-    rows, n_sub, d = magnitudes.shape
-    width = n_sub * d
-    dtype = np.float64 if rows * width * width <= _FLOAT64_MACS else np.float32
-    h = h.astype(dtype, copy=False)
-    codebook = np.asarray(codebook, dtype)
-    chunk = max(1, _CHUNK_BYTES // (width * np.dtype(dtype).itemsize))
-    total = 0.0
-    for r0 in range(0, rows, chunk):
-        r1 = min(r0 + chunk, rows)
-        diff = (codebook[codes[r0:r1]] - magnitudes[r0:r1]) * signs[r0:r1]
-        diff = diff.reshape(r1 - r0, width).astype(dtype, copy=False)
-        total += float(np.einsum("rw,rw->", diff, diff @ h, dtype=np.float64))
-    return total
+    return output_error(magnitudes, codes, codebook, hessian, signs=signs)
 
 
 def _magnitude_kmeans(magnitudes, layout, params, seed):
