@@ -63,7 +63,7 @@ from onnxvq.layout import WeightLayout
 from onnxvq.methods.base import Encoded, Method, MethodParams
 from onnxvq.methods.pq import PQ, PQParams
 from onnxvq.ops.codes import code_bits_for_k, packed_nbytes
-from onnxvq.weighted_kmeans import output_error, refit_codebook
+from onnxvq.weighted_kmeans import _diagonal_blocks, _ridge, output_error, refit_codebook
 
 __all__ = ["LR2VQ", "LR2VQParams", "choose_rank"]
 
@@ -125,29 +125,30 @@ class LR2VQ(Method):
         rank_seed = np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, 0x5A4B))
 
         metric = slot_metric(hessian, layout.n_sub, params.d)
-        whitening = np.linalg.cholesky(metric)
-        spectrum, directions = _principal(points, whitening)
+        whitened = points.astype(np.float64) @ np.linalg.cholesky(metric)
+        spectrum, directions = _principal(whitened)
         stats: dict = {}
         if params.rank == "auto":
             rank, estimates = choose_rank(
-                points @ whitening.astype(np.float32), spectrum, directions, k,
-                seed=rank_seed, sample=params.rank_sample,
+                whitened.astype(np.float32), spectrum, directions, k, seed=rank_seed, sample=params.rank_sample,
             )
             stats["rank_estimates"] = {str(r): round(e, 6) for r, e in sorted(estimates.items())}
         else:
             rank = int(params.rank)
-        encoded = self._encode_at_rank(weight, layout, rank, metric, directions, k, params, seed, inputs, hessian)
+        args = (weight, subvectors, layout, metric, directions, k, params, seed, inputs, hessian)
+        encoded = self._encode_at_rank(rank, *args)
         if hessian is not None and params.rank == "auto" and rank < params.d:
             # The metric G averages the subvector slots' input moments, so its rank estimate can
             # be far off the full output error (measured: up to 5x on MNIST's fc1). The full-rank
             # encoding is the one other candidate, and the full H decides.
-            full = self._encode_at_rank(weight, layout, params.d, metric, directions, k, params, seed, inputs, hessian)
+            full = self._encode_at_rank(params.d, *args)
             if _output_error(subvectors, full, hessian) < _output_error(subvectors, encoded, hessian):
                 stats["rank_estimate"], rank, encoded = rank, params.d, full
         stats["rank"] = rank
         return dataclasses.replace(encoded, stats={**encoded.stats, **stats})
 
-    def _encode_at_rank(self, weight, layout, rank, metric, directions, k, params, seed, inputs, hessian) -> Encoded:
+    def _encode_at_rank(self, rank, weight, subvectors, layout, metric, directions, k, params, seed, inputs,
+                        hessian) -> Encoded:
         """Steps 1-4 of the module docstring at a given rank (``rank == d``: PQ with ``P = I``)."""
         if rank == params.d:
             pq = PQ().encode(
@@ -156,7 +157,6 @@ class LR2VQ(Method):
             )
             # P = I is not stored: a full-rank codebook is a plain k x m codebook.
             return Encoded(self.name, pq.codes, pq.codebook, pq.stats)
-        subvectors = layout.to_subvectors(weight)
         points = subvectors.reshape(-1, params.d)
         cluster_seed = np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, rank))
         padding = None
@@ -166,7 +166,7 @@ class LR2VQ(Method):
         stats = {}
         if hessian is not None:
             factors = _refit_full_output(subvectors, factors, metric, hessian)
-            plain = _encode_low_rank(points, np.eye(params.d), _principal(points, np.eye(params.d))[1][:, :rank],
+            plain = _encode_low_rank(points, np.eye(params.d), _principal(points.astype(np.float64))[1][:, :rank],
                                      k, params, cluster_seed, padding)
             if _output_error(subvectors, plain, hessian) < _output_error(subvectors, factors, hessian):
                 factors = plain
@@ -199,14 +199,8 @@ def slot_metric(hessian: np.ndarray | None, n_sub: int, d: int) -> np.ndarray:
     if hessian is None:
         return np.eye(d)
     h = np.asarray(hessian, np.float64)
-    if h.ndim == 1:
-        metric = np.diag(h.reshape(n_sub, d).mean(axis=0))
-    else:
-        j = np.arange(n_sub)
-        metric = h.reshape(n_sub, d, n_sub, d)[j, :, j, :].mean(axis=0)
-        metric = 0.5 * (metric + metric.T)
-    scale = float(np.diagonal(metric).mean())
-    return metric + _DAMP * (scale if scale > 0 else 1.0) * np.eye(d)
+    # the damping of weighted_kmeans' per-slot blocks, applied to their mean
+    return _diagonal_blocks(h, n_sub, d).mean(axis=0) + _ridge(h, _DAMP) * np.eye(d)
 
 
 def choose_rank(
@@ -255,9 +249,9 @@ def choose_rank(
     return min(r for r, e in estimates.items() if e <= lowest * 1.001 + 1e-12), estimates
 
 
-def _principal(points: np.ndarray, whitening: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) and eigenvectors of ``(X L)' (X L)``, in float64."""
-    whitened = points.astype(np.float64) @ whitening
+def _principal(whitened: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors of ``(X L)' (X L)`` for the whitened (float64)
+    subvectors ``X L``."""
     values, vectors = np.linalg.eigh(whitened.T @ whitened)
     order = np.argsort(values)[::-1]
     return np.maximum(values[order], 0.0), vectors[:, order]
