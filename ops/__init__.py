@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from onnxvq.ops import vq_conv, vq_gemm, vq_matmul
+from onnxvq.ops import vq_conv, vq_gemm, vq_matmul, vq_weight
 from onnxvq.ops.vq_weight import DOMAIN, MIN_OPSET, VERSION, Variant
 
 __all__ = [
@@ -39,8 +39,7 @@ def op_module(vq_op_type: str) -> ModuleType:
 
 def input_names(vq_op_type: str, overload: str) -> list[str]:
     """Input names, in node order, of a VQ node of this op type and overload."""
-    variant = Variant.from_overload(overload) if overload else Variant(8, False, 0)
-    return op_module(vq_op_type).input_names(variant)
+    return op_module(vq_op_type).input_names(vq_weight.node_variant(overload))
 
 
 def consumers() -> tuple[str, ...]:

@@ -64,6 +64,7 @@ __all__ = [
     "decode_weight",
     "encoded_inputs",
     "make_function",
+    "node_variant",
     "np_dtype",
     "split_inputs",
     "weight_from_attributes",
@@ -143,6 +144,11 @@ class Variant:
             weight_left=weight_left,
             extras=tuple(e for e in EXTRA_INPUTS if e in tuple(extras)),
         )
+
+
+def node_variant(overload: str) -> Variant:
+    """The variant of a node's overload; a node without one has the plain inputs (no extras)."""
+    return Variant.from_overload(overload) if overload else Variant(8, False, 0)
 
 
 def encoded_inputs(variant: Variant) -> list[str]:
@@ -321,6 +327,6 @@ def weight_from_attributes(
 
 def split_inputs(overload: str, tensors) -> tuple[dict, list]:
     """The tensors after ``codebook`` of a node of ``overload``: ({extra name: tensor}, rest)."""
-    variant = Variant.from_overload(overload) if overload else Variant(8, False, 0)
+    variant = node_variant(overload)
     n = len(variant.extras)
     return dict(zip(variant.extras, tensors[:n])), list(tensors[n:])

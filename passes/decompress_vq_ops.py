@@ -33,12 +33,12 @@ class DecompressVQOpsPass(ir.passes.InPlacePass):
         for node in vq_nodes:
             op = ops.op_module(node.op_type)
             inputs = list(node.inputs)
-            n_encoded = len(ops.vq_weight.encoded_inputs(ops.Variant.from_overload(node.overload)))
-            encoded, rest = inputs[1 : 1 + n_encoded], inputs[1 + n_encoded :]
+            names = ops.vq_weight.encoded_inputs(ops.vq_weight.node_variant(node.overload))
+            encoded, rest = inputs[1 : 1 + len(names)], inputs[1 + len(names) :]
             codes = encoded[0]
             encoded_values.update(v for v in encoded if v is not None)
             if codes not in dense:
-                dense[codes] = _dense_weight(model.graph, op, node, taken)
+                dense[codes] = _dense_weight(model.graph, op, node, dict(zip(names, encoded)), taken)
             weight = dense[codes]
             attributes = {name: attr for name, attr in node.attributes.items()}
             weight_left = bool(attributes.pop("weight_left").value) if "weight_left" in attributes else False
@@ -58,17 +58,15 @@ class DecompressVQOpsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(vq_nodes or removed_functions))
 
 
-def _dense_weight(graph: ir.Graph, op, node: ir.Node, taken: set[str]) -> ir.Value:
-    codes, codebook, *extras = node.inputs[1:]
-    names = ops.vq_weight.encoded_inputs(ops.Variant.from_overload(node.overload))[2:]
+def _dense_weight(graph: ir.Graph, op, node: ir.Node, encoded: dict[str, ir.Value], taken: set[str]) -> ir.Value:
+    """The decoded weight of ``node`` from its ``encoded`` inputs (by name), as an initializer."""
+    tensors = {name: value.const_value.numpy() for name, value in encoded.items()}
     attributes = {}
     for name, attr in node.attributes.items():
         value = attr.value
         attributes[name] = value.numpy() if isinstance(value, ir.TensorProtocol) else value
-    for name, value in zip(names, extras):
-        attributes[name] = value.const_value.numpy()
-    array = op.decode(codes.const_value.numpy(), codebook.const_value.numpy(), **attributes)
-    name = codes.name
+    array = op.decode(tensors.pop("codes"), tensors.pop("codebook"), **tensors, **attributes)
+    name = encoded["codes"].name
     if name.endswith(CODES_SUFFIX):
         name = name[: -len(CODES_SUFFIX)]
     return register_initializer(graph, name, np.ascontiguousarray(array), taken)
