@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -199,7 +199,7 @@ class _TapSession:
     ):
         from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-        from onnxvq.model_io import save_model
+        from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
 
         tapped = model.clone()
         graph = tapped.graph
@@ -225,10 +225,16 @@ class _TapSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # Saved to a file (external data when large): a proto over 2 GiB cannot be serialised.
-        with tempfile.TemporaryDirectory(prefix="onnxvq-") as folder:
+        # The folder is named after this process so that the next run removes it if this one
+        # is killed before its cleanup runs.
+        sweep_stale_temp()
+        folder = temp_folder()
+        try:
             path = Path(folder) / "tapped.onnx"
             save_model(tapped, path)
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:

@@ -28,7 +28,7 @@ from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
 from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
 from onnxvq.methods import Encoded, get_method
-from onnxvq.model_io import load_model, save_model
+from onnxvq.model_io import SOURCE_FILES, load_model, save_model
 from onnxvq.layout import WeightLayout
 from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
 from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceWithVQOpsPass
@@ -58,7 +58,9 @@ class CompressResult:
         return ir.serde.serialize_model(self.model)
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> list[str]:
-        """Write atomically (see :func:`onnxvq.model_io.save_model`); returns the files written."""
+        """Write atomically (see :func:`onnxvq.model_io.save_model`); returns the files written.
+
+        Refuses to write over any file the original model was read from."""
         return save_model(self.model, path, external_data=external_data)
 
 
@@ -210,7 +212,10 @@ def _as_ir_model(model: ModelLike) -> ir.Model:
     if isinstance(model, ir.Model):
         # A structural copy sharing the (never mutated) tensors: external tensors keep their
         # base folder, which a serialize/deserialize round trip would lose.
-        return model.clone()
+        clone = model.clone()
+        if SOURCE_FILES in model.meta:  # so that saving still refuses to overwrite them
+            clone.meta[SOURCE_FILES] = list(model.meta[SOURCE_FILES])
+        return clone
     raise OnnxVQError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
 
 

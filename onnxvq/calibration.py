@@ -21,7 +21,9 @@ batches; other models run one sample at a time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -33,6 +35,8 @@ from onnxvq.errors import OnnxVQError
 __all__ = ["CalibrationSet", "LABELS_KEY", "load_calibration"]
 
 LABELS_KEY = "labels"
+# Larger calibration files are refused before reading (a device such as /dev/zero has no end).
+MAX_CALIBRATION_FILE = 64 * 2**30
 CalibrationSource = str | os.PathLike | Iterable[Mapping[str, np.ndarray]]
 
 
@@ -188,13 +192,46 @@ def _read(source, inputs: Mapping[str, ir.Value]) -> tuple[list[dict], list]:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``, each header checked against its stored size before its data
+    is read: a damaged or hostile header cannot make this allocate more than the file holds."""
+    from onnxvq.model_io import check_readable_file
+
+    hint = "expected an .npz written by numpy.savez"
+    check_readable_file(os.fspath(path), "calibration file", MAX_CALIBRATION_FILE, hint=hint)
+    if not zipfile.is_zipfile(path):
+        raise OnnxVQError(f"calibration file {path} is not an .npz archive (a .npy or another format?); {hint}")
+    arrays = {}
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("not an .npz archive")
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise OnnxVQError(f"cannot read calibration file {path} ({e}); expected an .npz from numpy.savez") from None
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                with archive.open(info) as member:
+                    shape, dtype = _npy_header(member)
+                    needed = math.prod(shape) * dtype.itemsize
+                    if dtype.hasobject or needed > info.file_size:
+                        raise ValueError(
+                            f"array {name!r} claims shape {shape} of {dtype} ({needed} bytes) but "
+                            f"stores {info.file_size} bytes"
+                        )
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    except Exception as e:  # zipfile, zlib, numpy header and read errors: all mean a bad file
+        raise OnnxVQError(f"cannot read calibration file {path} ({_first_line(e)}); {hint}") from None
+    return arrays
+
+
+def _npy_header(member) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(member)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read:
+        raise ValueError(f"unsupported .npy version {version}")
+    shape, _, dtype = read[version](member)
+    return shape, dtype
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _pop_labels(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -231,16 +268,26 @@ def _unstack(arrays, stacked_labels, inputs, path) -> tuple[list[dict], list]:
 def _read_labels(labels) -> np.ndarray:
     if isinstance(labels, np.ndarray):
         return labels
+    from onnxvq.model_io import check_readable_file
+
     path = Path(labels)
+    if path.suffix == ".npz":
+        data = _read_npz(path)
+        if LABELS_KEY not in data:
+            raise OnnxVQError(f"labels file {path} has no 'labels' array (it has {', '.join(data)})")
+        return data[LABELS_KEY]
+    hint = "expected a .npy (numpy.save) or an .npz with a 'labels' array"
+    check_readable_file(os.fspath(path), "labels file", MAX_CALIBRATION_FILE, hint=hint)
     try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                if LABELS_KEY not in data.files:
-                    raise OnnxVQError(f"labels file {path} has no 'labels' array (it has {', '.join(data.files)})")
-                return data[LABELS_KEY]
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise OnnxVQError(f"cannot read labels file {path} ({e}); expected .npy or .npz") from None
+        with open(path, "rb") as f:
+            shape, dtype = _npy_header(f)
+            needed = math.prod(shape) * dtype.itemsize
+            if dtype.hasobject or needed > os.path.getsize(path):
+                raise ValueError(f"it claims shape {shape} of {dtype} but holds fewer bytes")
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except Exception as e:  # numpy's header and read errors: all mean a bad file
+        raise OnnxVQError(f"cannot read labels file {path} ({_first_line(e)}); {hint}") from None
 
 
 def _split_labels(labels: np.ndarray, samples: list[dict]) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 
 import click
@@ -18,11 +19,25 @@ from onnxvq.errors import OnnxVQError
 __all__ = ["main"]
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` (temporary files) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _work_done() -> None:
+    """Once the output is in place, a SIGTERM no longer undoes anything: finish normally."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _user_errors(command):
     """Turn OnnxVQError (and unexpected errors) into one line and a non-zero exit."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return command(*args, **kwargs)
         except OnnxVQError as e:
@@ -33,6 +48,9 @@ def _user_errors(command):
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
+        except _Terminated:
+            click.echo("error: terminated; nothing was written", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug in onnxvq: still one line unless debugging
@@ -91,11 +109,18 @@ def compress(model, output, method, k, d, rank, config_path, skip, min_size, see
     """
     from onnxvq.api import compress as compress_model
     from onnxvq.config import CompressConfig
-    from onnxvq.model_io import check_output_path, load_model, model_file_bytes
+    from onnxvq.model_io import check_output_paths, load_model, model_file_bytes, save_model, source_files
 
-    check_output_path(output, [model])
-    if report_path:
-        check_output_path(report_path, [model, output])
+    ir_model = load_model(model)
+    input_file_bytes = model_file_bytes(model, ir_model)
+    # Every file read (the model, its external data, config, calibration data, labels) against
+    # every file written, before any work: the input is never overwritten.
+    reads = source_files(ir_model) + _files_in([config_path, calib, labels])
+    check_output_paths(
+        {"output": output, "external data": _data_path(output, external_data, input_file_bytes),
+         "--report": report_path},
+        reads,
+    )
     config = CompressConfig.from_file(config_path) if config_path else CompressConfig()
     config = config.merged(
         method=method, k=k, d=d, skip=list(skip) or None, min_size=min_size, seed=seed,
@@ -111,15 +136,22 @@ def compress(model, output, method, k, d, rank, config_path, skip, min_size, see
     }
     if calib is None and (tuning or labels):
         raise OnnxVQError("--labels and the fine-tune options need calibration data: add --calib PATH")
-    ir_model = load_model(model)
     result = compress_model(
         ir_model, config, calib=calib, labels=labels, finetune=tuning or None, progress=not quiet
     )
-    written = result.save(output, external_data=external_data)
-    result.summary.input_file_bytes = model_file_bytes(model, ir_model)
-    result.summary.output_file_bytes = sum(os.path.getsize(p) for p in written)
-    if report_path:
-        _write_text(report_path, json.dumps(result.summary.to_dict(), indent=2))
+    result.summary.input_file_bytes = input_file_bytes
+
+    def write_report(files: list[str]) -> None:
+        # Runs on the complete temporary files, before the model is renamed into place: a
+        # report that cannot be written leaves no model behind either.
+        result.summary.output_file_bytes = sum(os.path.getsize(p) for p in files)
+        if report_path:
+            _write_text(report_path, json.dumps(result.summary.to_dict(), indent=2))
+
+    written = save_model(
+        result.model, output, external_data=external_data, protected=reads, before_commit=write_report
+    )
+    _work_done()
     if not quiet:
         click.echo(result.summary.format())
     click.echo(f"wrote {_paths(written)}")
@@ -143,11 +175,15 @@ def _rank(value: str | None) -> int | str | None:
 def decompress(model, output, external_data):
     """Write the dense equivalent of a compressed MODEL (standard ops only)."""
     from onnxvq.api import decompress as decompress_model
-    from onnxvq.model_io import check_output_path, load_model, save_model
+    from onnxvq.model_io import check_output_paths, load_model, model_file_bytes, save_model, source_files
 
-    check_output_path(output, [model])
-    dense = decompress_model(load_model(model))
-    written = save_model(dense, output, external_data=external_data)
+    compressed = load_model(model)
+    reads = source_files(compressed)
+    data_path = _data_path(output, external_data, model_file_bytes(model, compressed))
+    check_output_paths({"output": output, "external data": data_path}, reads)
+    dense = decompress_model(compressed)
+    written = save_model(dense, output, external_data=external_data, protected=reads)
+    _work_done()
     click.echo(f"wrote {_paths(written)}")
 
 
@@ -182,23 +218,21 @@ def report(model, baseline, accelerator, overrides, inputs, json_path, plot_path
     from onnxvq.accelerators import get_profile
     from onnxvq.api import decompress
     from onnxvq.memory_access import analyze, parse_input_shape
-    from onnxvq.model_io import check_output_path, load_model
+    from onnxvq.model_io import check_output_paths, load_model, source_files
     from onnxvq.report_tables import VARIANT_LABELS, comparison, format_comparison, format_layers
     from onnxvq.summary import format_bytes
 
-    sources = [model] + ([baseline] if baseline else [])
-    for path in (json_path, plot_path):
-        if path:
-            check_output_path(path, sources)
-    profile = get_profile(accelerator, dict(_parse_assignment(o) for o in overrides))
     ir_model = load_model(model)
+    base_model = load_model(baseline) if baseline else None
+    reads = source_files(ir_model) + (source_files(base_model) if base_model else [])
+    check_output_paths({"--json": json_path, "--plot": plot_path}, reads)
+    profile = get_profile(accelerator, dict(_parse_assignment(o) for o in overrides))
     names = [v.name for v in ir_model.graph.inputs if not v.is_initializer()]
     input_shapes = dict(parse_input_shape(text, names) for text in inputs)
 
     traffic = analyze(ir_model, input_shapes, profile)
     variants = {}
-    if baseline:
-        base_model = load_model(baseline)
+    if base_model is not None:
         variants["baseline"] = analyze(base_model, input_shapes, profile)
         int8_source = base_model
     elif any(n.domain == ops.DOMAIN for n in ir_model.graph):
@@ -239,6 +273,27 @@ def _parse_assignment(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise OnnxVQError(f"--set {text!r}: expected FIELD=VALUE, e.g. dram_bandwidth=16e9")
     return key.strip(), value.strip()
+
+
+def _data_path(output: str, external_data: bool | None, input_bytes: int) -> str | None:
+    """The external data file a save may write: when asked for, or by default when the model
+    may not fit one protobuf (save_model checks again once it knows)."""
+    from onnxvq.model_io import PROTOBUF_LIMIT
+
+    if external_data or (external_data is None and input_bytes > PROTOBUF_LIMIT):
+        return f"{output}.data"
+    return None
+
+
+def _files_in(paths: list[str | None]) -> list[str]:
+    """The files named by ``paths``: a folder stands for the files in it."""
+    files = []
+    for path in filter(None, paths):
+        if os.path.isdir(path):
+            files += [entry.path for entry in os.scandir(path) if entry.is_file()]
+        else:
+            files.append(path)
+    return files
 
 
 def _paths(paths: list[str]) -> str:

@@ -47,6 +47,9 @@ from onnxvq.packing import CODEBOOK_DTYPES
 
 __all__ = ["CompressConfig", "LayerPlan", "resolve_layers"]
 
+# A config is a few lines of settings: a larger file is a mistake (or /dev/zero), not read.
+MAX_CONFIG_FILE = 16 * 2**20
+
 _OVERRIDE_COMMON_KEYS = ("method", "skip", "codebook_dtype")
 
 
@@ -92,7 +95,13 @@ class CompressConfig:
             raise OnnxVQError(f"a config must be a mapping of settings, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)} - {"options"}
         known = dict(data)
-        options = dict(known.pop("options", None) or {})
+        options = known.pop("options", None) or {}
+        if not isinstance(options, Mapping):
+            raise OnnxVQError(
+                f"config 'options' must be a mapping of method parameters (e.g. {{max_iter: 30}}), "
+                f"got {type(options).__name__}"
+            )
+        options = dict(options)
         kwargs = {key: known.pop(key) for key in list(known) if key in fields}
         method = kwargs.get("method", cls.method)
         if method in METHODS:
@@ -289,12 +298,17 @@ def _check_codebook_dtype(value: Any) -> None:
 
 def read_config_file(path: str | os.PathLike) -> dict:
     """Parse a JSON or YAML config file into a mapping, with one-line errors."""
+    from onnxvq.model_io import check_readable_file
+
     path = os.fspath(path)
+    check_readable_file(path, "config", MAX_CONFIG_FILE, hint="give a JSON or YAML config file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise OnnxVQError(f"cannot read config {path!r}: {e.strerror}") from None
+        raise OnnxVQError(f"cannot read the config {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise OnnxVQError(f"config {path!r} is not UTF-8 text; save it as UTF-8 JSON or YAML") from None
     try:
         if path.endswith(".json"):
             data = json.loads(text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -108,8 +110,17 @@ def test_bad_files(tmp_path):
     with pytest.raises(OnnxVQError, match="does not exist"):
         load_calibration(tmp_path / "missing.npz", model)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(OnnxVQError, match="cannot read calibration file"):
+    with pytest.raises(OnnxVQError, match="is not an .npz archive"):
         load_calibration(tmp_path / "junk.npz", model)
+    np.save(tmp_path / "array.npy", np.zeros((3, 64), np.float32))
+    os.replace(tmp_path / "array.npy", tmp_path / "array.npz")  # a .npy named .npz
+    with pytest.raises(OnnxVQError, match="is not an .npz archive"):
+        load_calibration(tmp_path / "array.npz", model)
+    np.savez(tmp_path / "whole.npz", x=np.zeros((3, 64), np.float32))
+    data = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) - 40])  # the zip directory cut off
+    with pytest.raises(OnnxVQError, match="truncated.npz"):
+        load_calibration(tmp_path / "truncated.npz", model)
     (tmp_path / "empty").mkdir()
     with pytest.raises(OnnxVQError, match="has no .npz files"):
         load_calibration(tmp_path / "empty", model)

@@ -116,7 +116,7 @@ def _bad_inputs(tmp_path, model_path):
         ("k < 2", [model_path, "-o", out, "-k", "1"], "k must be at least 2"),
         ("d < 1", [model_path, "-o", out, "-d", "0"], "d must be at least 1"),
         ("unmatched key", [model_path, "-o", out, "--skip", "re:nothing.*"], "matches no layer; run `onnxvq inspect"),
-        ("output is input", [model_path, "-o", model_path], "is the input file"),
+        ("output is input", [model_path, "-o", model_path], "would overwrite the input file"),
         ("output dir missing", [model_path, "-o", tmp_path / "no" / "x.onnx"], "does not exist"),
         ("already compressed", [compressed, "-o", out], "already compressed by onnxvq"),
         ("nan weights", [nan_path, "-o", out], "contains NaN or Inf"),

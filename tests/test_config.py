@@ -108,7 +108,7 @@ def test_from_file_json_and_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("k: [1,\n")
     with pytest.raises(OnnxVQError, match="not valid JSON/YAML"):
         CompressConfig.from_file(tmp_path / "bad.yaml")
-    with pytest.raises(OnnxVQError, match="cannot read config"):
+    with pytest.raises(OnnxVQError, match="cannot read the config"):
         CompressConfig.from_file(tmp_path / "missing.yaml")
 
 
