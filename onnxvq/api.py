@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxvq import ops
+from onnxvq import channel_scales, ops, quality_guard
 from onnxvq.activations import LayerInputs, capture_inputs
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
 from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes
@@ -153,6 +153,11 @@ def compress(
         reports += _reports(group, rule, packed, job, inputs.get(group[0].weight.name))
         replacements += [(layer, packed) for layer in group] if packed else []
 
+    check = quality_guard.check(
+        model, lambda: {job.name: job.decode(job.encoded) for job in jobs.values()},
+        calibration=calibration, held_back=bool(held), seed=config.seed,
+    )
+
     _write_back(model, learned_rest)
     ReplaceWithVQOpsPass(replacements)(model)
     AttachVQFunctionsPass()(model)
@@ -167,6 +172,7 @@ def compress(
         total_float_params=total_float_params,
         literature_bytes=_literature_bytes(total_float_params, replacements),
         calibration=calibration,
+        check=check,
     )
     return CompressResult(model, summary)
 
@@ -271,6 +277,7 @@ def _reports(
             report.method, report.k, report.d = packed.method, packed.k, packed.d
             report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
             report.rank = packed.rank if packed.rank is not None else packed.stats.get("rank")
+            report.scales = "scales" in packed.extras
             report.sqnr_db, report.output_sqnr_db = sqnr, output_sqnr
             report.finetune = dict(job.finetune_stats) or None
         reports.append(report)
@@ -294,6 +301,8 @@ def _no_smaller_reason(layer: Layer, plan: LayerPlan) -> str | None:
     lay = WeightLayout(layer.weight_shape, transposed, row_axes, plan.params.d)
     itemsize = np.dtype(CODEBOOK_DTYPES[plan.codebook_dtype]).itemsize
     stored = get_method(plan.method).stored_nbytes(lay, plan.params, itemsize)
+    if plan.scales != "off":
+        stored += lay.rows * itemsize
     if stored >= layer.nbytes:
         return f"encoded ({stored} B) would not be smaller than dense ({layer.nbytes} B)"
     return None
@@ -313,12 +322,14 @@ def _encode(group: list[Layer], plan: LayerPlan, config: CompressConfig, inputs:
     # does not reshuffle every other layer.
     weight_seed = np.random.SeedSequence(config.seed, spawn_key=(zlib.crc32(layer.weight.name.encode()),))
     method = get_method(plan.method)
-    encoded = method.encode(
-        weight32, transposed=transposed, row_axes=row_axes, params=plan.params, seed=weight_seed, inputs=inputs
-    )
 
     def decode(value: Encoded) -> np.ndarray:
         return _pack_encoded(value, layer, plan).decode(transposed=transposed)
+
+    encoded = channel_scales.encode(
+        method, weight32, transposed=transposed, row_axes=row_axes, params=plan.params, seed=weight_seed,
+        inputs=inputs, scales=plan.scales, decode=decode,
+    )
 
     layout = WeightLayout(layer.weight_shape, transposed, row_axes, plan.params.d)
     return WeightJob(group=group, method=method, params=plan.params, layout=layout, encoded=encoded, decode=decode)
@@ -377,7 +388,7 @@ def _provenance(
         "config": config.to_dict(),
         "calibration": dataclasses.asdict(tuning) if tuning else None,
         "layers": {
-            r.name: {"method": r.method, "k": r.k, "d": r.d, "rule": r.rule,
+            r.name: {"method": r.method, "k": r.k, "d": r.d, "rule": r.rule, "scales": bool(r.scales),
                      **({"rank": r.rank} if r.rank is not None else {})}
             for r in reports
             if r.compressed

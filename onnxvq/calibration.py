@@ -341,7 +341,7 @@ def _check_sample(sample: dict, inputs: Mapping[str, ir.Value], where: str) -> N
                 f"{len(shape)} ({_format_shape(shape)})"
             )
         for axis, (got, want) in enumerate(zip(array.shape, shape)):
-            if isinstance(want, int) and got != want:
+            if not _is_symbolic(want) and got != want:
                 raise OnnxVQError(
                     f"{where}: input {name!r} has shape {array.shape} but the model expects "
                     f"{_format_shape(shape)} (axis {axis} must be {want})"
@@ -356,8 +356,10 @@ def _batch_rows(sample: dict) -> int:
 
 
 def _is_symbolic(dim) -> bool:
-    return not isinstance(dim, int)
+    """Not a fixed size: a name, unknown, or the -1 / 0 some exporters write (paddle2onnx)."""
+    return not isinstance(dim, int) or dim <= 0
 
 
 def _format_shape(shape) -> str:
-    return "(" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in shape) + ")"
+    shown = [str(d) if not _is_symbolic(d) else "?" if isinstance(d, int) else str(d or "?") for d in shape]
+    return "(" + ", ".join(shown) + ")"

@@ -84,6 +84,7 @@ def main() -> None:
 @click.option("--min-size", type=int, default=None, help="Leave layers with fewer weights dense. [default: 1024]")
 @click.option("--seed", type=int, default=None, help="Seed of all random choices. [default: 0]")
 @click.option("--codebook-dtype", type=click.Choice(["float16", "float32"]), default=None, help="Codebook storage. [default: float16]")
+@click.option("--scales", type=click.Choice(["auto", "on", "off"]), default=None, help="Per-output-channel scales: auto keeps them where they lower the per-channel error. [default: auto]")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the summary as JSON here.")
 @click.option("--external-data/--single-file", default=None, help="Force tensors into OUTPUT.data, or into one file. [default: external only over 2 GiB]")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration data: an .npz keyed by input name (samples on axis 0) or a folder of .npz samples.")
@@ -99,7 +100,7 @@ def main() -> None:
 @click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @_user_errors
-def compress(model, output, method, k, d, rank, config_path, skip, min_size, seed, codebook_dtype,
+def compress(model, output, method, k, d, rank, config_path, skip, min_size, seed, codebook_dtype, scales,
              report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
              train_rest, weight_only, holdout, quiet):
     """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops.
@@ -124,7 +125,7 @@ def compress(model, output, method, k, d, rank, config_path, skip, min_size, see
     config = CompressConfig.from_file(config_path) if config_path else CompressConfig()
     config = config.merged(
         method=method, k=k, d=d, skip=list(skip) or None, min_size=min_size, seed=seed,
-        codebook_dtype=codebook_dtype, rank=_rank(rank),
+        codebook_dtype=codebook_dtype, scales=scales, rank=_rank(rank),
     )
     tuning = {
         key: value
@@ -155,6 +156,9 @@ def compress(model, output, method, k, d, rank, config_path, skip, min_size, see
     if not quiet:
         click.echo(result.summary.format())
     click.echo(f"wrote {_paths(written)}")
+    check = result.summary.check
+    if check is not None and check.warning:  # even with -q: a damaged model must be said
+        click.echo(f"warning: {check.warning}", err=True)
 
 
 def _rank(value: str | None) -> int | str | None:

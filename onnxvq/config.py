@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from onnxvq.channel_scales import SCALES_SETTINGS
 from onnxvq.errors import OnnxVQError
 from onnxvq.methods import METHODS, MethodParams, get_method
 from onnxvq.packing import CODEBOOK_DTYPES
@@ -50,7 +51,7 @@ __all__ = ["CompressConfig", "LayerPlan", "resolve_layers"]
 # A config is a few lines of settings: a larger file is a mistake (or /dev/zero), not read.
 MAX_CONFIG_FILE = 16 * 2**20
 
-_OVERRIDE_COMMON_KEYS = ("method", "skip", "codebook_dtype")
+_OVERRIDE_COMMON_KEYS = ("method", "skip", "codebook_dtype", "scales")
 
 
 @dataclasses.dataclass
@@ -63,6 +64,8 @@ class CompressConfig:
         d: subvector length.
         options: further parameters of the default method (e.g. ``{"max_iter": 30}``).
         codebook_dtype: ``float16`` (default) or ``float32``.
+        scales: per-output-channel scales, ``auto`` (default: kept where they lower the
+            per-channel error, :mod:`onnxvq.channel_scales`), ``on`` or ``off``.
         min_size: layers with fewer weights stay dense unless an override names them.
         seed: seed of all random choices; the same seed gives the same model.
         skip: layer names or ``re:`` patterns left dense whatever else says.
@@ -80,6 +83,7 @@ class CompressConfig:
     d: int = 8
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     codebook_dtype: str = "float16"
+    scales: str = "auto"
     min_size: int = 1024
     seed: int = 0
     skip: list[str] = dataclasses.field(default_factory=list)
@@ -170,6 +174,7 @@ class CompressConfig:
             get_method(self.method)  # raises the standard unknown-method error
         self.params_for()
         _check_codebook_dtype(self.codebook_dtype)
+        _check_scales(self.scales)
         for name in ("min_size", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -188,6 +193,8 @@ class CompressConfig:
                 raise OnnxVQError(f"layers[{key!r}].skip must be true or false")
             if "codebook_dtype" in override:
                 _check_codebook_dtype(override["codebook_dtype"])
+            if "scales" in override:
+                _check_scales(override["scales"])
             try:
                 self.params_for(override)
             except OnnxVQError as e:
@@ -203,6 +210,7 @@ class LayerPlan:
     params: MethodParams | None
     codebook_dtype: str
     rule: str  # which rule decided, e.g. "layers['re:fc.*']" or "min_size"
+    scales: str = "auto"
 
     @property
     def compressed(self) -> bool:
@@ -210,7 +218,7 @@ class LayerPlan:
 
     def settings(self) -> tuple:
         """What must agree between layers that share one weight."""
-        return (self.method, self.params, self.codebook_dtype)
+        return (self.method, self.params, self.codebook_dtype, self.scales)
 
 
 def resolve_layers(config: CompressConfig, layers: Sequence[tuple[str, str, int]]) -> list[LayerPlan]:
@@ -246,7 +254,7 @@ def resolve_layers(config: CompressConfig, layers: Sequence[tuple[str, str, int]
                 )
             else:
                 method, params = config.params_for()
-                plan = LayerPlan(name, method, params, config.codebook_dtype, "default")
+                plan = LayerPlan(name, method, params, config.codebook_dtype, "default", config.scales)
         plans.append(plan)
 
     # A key must match some layer; whether it won for that layer is a separate question.
@@ -271,7 +279,7 @@ def _plan_from_override(config: CompressConfig, name: str, key: str) -> LayerPla
     if override.get("skip", False):
         return LayerPlan(name, None, None, codebook_dtype, rule)
     method, params = config.params_for(override)
-    return LayerPlan(name, method, params, codebook_dtype, rule)
+    return LayerPlan(name, method, params, codebook_dtype, rule, override.get("scales", config.scales))
 
 
 def _compile_key(key: Any) -> re.Pattern | None:
@@ -294,6 +302,11 @@ def _check_codebook_dtype(value: Any) -> None:
         raise OnnxVQError(
             f"codebook_dtype must be one of {', '.join(CODEBOOK_DTYPES)} (got {value!r})"
         )
+
+
+def _check_scales(value: Any) -> None:
+    if value not in SCALES_SETTINGS:
+        raise OnnxVQError(f"scales must be one of {', '.join(SCALES_SETTINGS)} (got {value!r})")
 
 
 def read_config_file(path: str | os.PathLike) -> dict:

@@ -296,10 +296,10 @@ def _nbytes(tensor: ir.TensorProtocol) -> int:
 
 def _weight_kind(node: ir.Node, slot: int) -> str:
     if node.domain == ops.DOMAIN:
-        # Low-rank projections are small per-layer tables read with the codebook; sign bits
-        # are per-weight data streamed like the codes; B/C are the biases.
-        kinds = {"codes": "codes", "codebook": "codebook", "projection": "codebook", "signs": "codes",
-                 "B": "bias", "C": "bias"}
+        # Low-rank projections and per-channel scales are small per-layer tables read with the
+        # codebook; sign bits are per-weight data streamed like the codes; B/C are the biases.
+        kinds = {"codes": "codes", "codebook": "codebook", "projection": "codebook", "scales": "codebook",
+                 "signs": "codes", "B": "bias", "C": "bias"}
         return kinds.get(_input_name(node, slot), "other")
     if node.domain == "" and node.op_type in _MAC_OPS:
         if node.op_type == "MatMul" or slot < 2:
@@ -410,21 +410,26 @@ def _fix_inputs(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                     f"the model's input has rank {len(dims)}"
                 )
             for dim, size in zip(dims, given):
-                if dim.HasField("dim_value") and dim.dim_value != size:
+                if _fixed(dim) and dim.dim_value != size:
                     raise OnnxVQError(
                         f"--input {value.name}: dim {size} conflicts with the model's fixed dim {dim.dim_value}"
                     )
             tensor_type.shape.ClearField("dim")
             for size in given:
                 tensor_type.shape.dim.add().dim_value = size
-        elif not tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
-            shown = "x".join(d.dim_param or "?" if not d.HasField("dim_value") else str(d.dim_value) for d in dims)
+        elif not tensor_type.HasField("shape") or not all(map(_fixed, dims)):
+            shown = "x".join(str(d.dim_value) if _fixed(d) else d.dim_param or "?" for d in dims)
             # Suggest the model's own fixed dims with 1 for each unknown one (a batch of one).
-            example = "x".join(str(d.dim_value) if d.HasField("dim_value") else "1" for d in dims) or "1x3x224x224"
+            example = "x".join(str(d.dim_value) if _fixed(d) else "1" for d in dims) or "1x3x224x224"
             raise OnnxVQError(
                 f"graph input {value.name!r} has an unknown shape ({shown or 'no shape'}); "
                 f"pass --input {value.name}:SHAPE, e.g. --input {value.name}:{example}"
             )
+
+
+def _fixed(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """A dimension of known size: exporters write -1 or 0 for dynamic ones (paddle2onnx does)."""
+    return dim.HasField("dim_value") and dim.dim_value > 0
 
 
 def _run_inference(proto: onnx.ModelProto) -> dict[str, tuple]:
@@ -439,7 +444,7 @@ def _run_inference(proto: onnx.ModelProto) -> dict[str, tuple]:
         if not tensor_type.HasField("shape") or not tensor_type.elem_type:
             continue
         dims = tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        if all(map(_fixed, dims)):
             shapes[info.name] = (tuple(int(d.dim_value) for d in dims), int(tensor_type.elem_type))
     return shapes
 

@@ -90,8 +90,9 @@ def pack(
     """Pack codes to 4/8/16 bits and store the codebook (and the floating extras, such as a
     low-rank projection) at ``codebook_dtype``; integer extras (packed signs) are kept as they are.
 
-    A float16 table whose values overflow float16 is kept in float32 (noted in ``stats``)
-    rather than turning weights into infinities.
+    A float16 table whose values overflow float16, or that float16 cannot hold to 0.1% (RMS,
+    relative: weights around 1e-8 fall below its range and would decode to zeros), is kept in
+    float32 (noted in ``stats``).
     """
     code_bits = code_bits_for_k(encoded.k)
     stats = dict(encoded.stats)
@@ -99,11 +100,18 @@ def pack(
     def stored(table: np.ndarray) -> np.ndarray:
         if table.dtype.kind != "f":
             return table
-        cast = table.astype(CODEBOOK_DTYPES[codebook_dtype])
-        if np.isfinite(cast).all():
-            return cast
-        stats["codebook_dtype_note"] = "float16 overflow, kept float32"
-        return table.astype(np.float32)
+        dtype = CODEBOOK_DTYPES[codebook_dtype]
+        with np.errstate(over="ignore", under="ignore"):
+            cast = table.astype(dtype)
+        if not np.isfinite(cast).all():
+            stats["codebook_dtype_note"] = f"{np.dtype(dtype).name} overflow, kept float32"
+            return table.astype(np.float32)
+        table32 = table.astype(np.float32)
+        error = np.linalg.norm(cast.astype(np.float32) - table32)
+        if error > 1e-3 * np.linalg.norm(table32):
+            stats["codebook_dtype_note"] = f"values below {np.dtype(dtype).name}'s range, kept float32"
+            return table32
+        return cast
 
     codebook = stored(encoded.codebook)
     extras = {name: stored(np.asarray(encoded.extras[name])) for name in vq_weight.EXTRA_INPUTS if name in encoded.extras}

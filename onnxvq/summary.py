@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,7 @@ class LayerReport:
     output_sqnr_db: float | None = None  # on the calibration inputs (see onnxvq.tuning)
     finetune: dict | None = None  # the fine-tune bridge's numbers for this weight
     rank: int | None = None  # low-rank codebooks (lr2vq): the clustering dimension d~
+    scales: bool | None = None  # per-output-channel scales stored (onnxvq.channel_scales)
 
     @property
     def ratio(self) -> float | None:
@@ -80,6 +82,8 @@ class Summary:
     output_file_bytes: int | None = None
     # With calibration data: samples, held_back, mode (and fallback), quality per stage.
     calibration: dict | None = None
+    # The compressed model's output against the original's (onnxvq.quality_guard.QualityCheck).
+    check: Any = None
 
     @property
     def compressed_layers(self) -> list[LayerReport]:
@@ -126,6 +130,7 @@ class Summary:
         return {
             "layers": layers,
             "calibration": calibration,
+            "check": self.check.to_dict() if self.check is not None else None,
             "left_alone": self.left_alone,
             "totals": {
                 "compressed_layers": len(self.compressed_layers),
@@ -149,6 +154,8 @@ class Summary:
                 note = f"shares {l.shared_with}" if l.shared_with else l.method
                 if l.rank is not None and not l.shared_with:
                     note += f" rank {l.rank}"
+                if l.scales and not l.shared_with:
+                    note += " scaled"
                 rows.append((
                     l.name, l.op_type, f"{l.params:,}", format_bytes(l.bytes_before),
                     format_bytes(l.bytes_after) if not l.shared_with else "-",
@@ -182,6 +189,11 @@ class Summary:
         if self.left_alone:
             lines.append(f"{len(self.left_alone)} Conv/Gemm/MatMul node(s) left alone (see `onnxvq inspect`)")
         lines += self._calibration_lines()
+        if self.check is not None and self.calibration is None:
+            if self.check.quality is not None:
+                lines.append(f"output check on {self.check.source}: {self.check.quality.format()}")
+            elif self.check.note:
+                lines.append(f"output check: not measured, {self.check.note}")
         return "\n".join(lines)
 
     def _calibration_lines(self) -> list[str]:

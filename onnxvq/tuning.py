@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnxvq import channel_scales
 from onnxvq.activations import LayerInputs, capture_inputs, run_model
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer
@@ -116,7 +117,7 @@ def finetune(
     import torch  # FinetuneSettings.make checked that it is installed
 
     torch.manual_seed(seed)
-    modules = {job.name: job.method.trainable(job.encoded, job.layout, job.params) for job in jobs}
+    modules = {job.name: channel_scales.trainable(job.method, job.encoded, job.layout, job.params) for job in jobs}
     # The backward of a codebook gather accumulates in a thread-dependent order; deterministic
     # kernels make a fixed seed give the same bytes (the caller's setting is restored after).
     was_deterministic = torch.are_deterministic_algorithms_enabled()

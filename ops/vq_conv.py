@@ -5,7 +5,7 @@ kernel_shape, pads, strides: 1-D, 2-D and 3-D kernels, groups and depthwise alik
 ``W`` (O, I/g, k1, ..., kn) is rebuilt by ``onnxvq.ops.vq_weight.decode_weight`` with rows = the
 O output channels, each row the flattened (I/g, k1, ..., kn) kernel, never transposed.
 
-Inputs: ``X``, ``codes``, ``codebook``, the variant's extras (``projection``, ``signs``, see
+Inputs: ``X``, ``codes``, ``codebook``, the variant's extras (``projection``, ``signs``, ``scales``, see
 ``onnxvq.ops.vq_weight``), optional ``B`` (as Conv's bias).
 Attributes: Conv's, plus ``weight_shape``, ``weight_dtype``, ``code_bits``, ``method``.
 """
@@ -85,11 +85,10 @@ def input_names(variant: vq_weight.Variant) -> list[str]:
     return ["X", *vq_weight.encoded_inputs(variant), "B"]
 
 
-def decode(codes: np.ndarray, codebook: np.ndarray, *, projection=None, signs=None, **attributes) -> np.ndarray:
+def decode(codes: np.ndarray, codebook: np.ndarray, **named) -> np.ndarray:
     """The dense Conv weight this node stands for."""
-    return vq_weight.weight_from_attributes(
-        codes, codebook, attributes, transposed=False, projection=projection, signs=signs
-    )
+    extras, attributes = vq_weight.split_extras(named)
+    return vq_weight.weight_from_attributes(codes, codebook, attributes, transposed=False, **extras)
 
 
 def function(variant: vq_weight.Variant, opset: int):

@@ -5,7 +5,7 @@ Math: ``Y = alpha * A' @ B' + beta * C`` with ``A' = A.T`` if transA, ``B' = B.T
 ``onnxvq.ops.vq_weight.decode_weight``. Rows of the encoded matrix are the N outputs: ``B`` itself
 when transB=1 (shape N x K), ``B.T`` when transB=0 (K x N, the *transposed* layout).
 
-Inputs: ``A``, ``codes``, ``codebook``, the variant's extras (``projection``, ``signs``, see
+Inputs: ``A``, ``codes``, ``codebook``, the variant's extras (``projection``, ``signs``, ``scales``, see
 ``onnxvq.ops.vq_weight``), optional ``C``.
 Attributes: alpha, beta, transA, transB, plus ``weight_shape``, ``weight_dtype``, ``code_bits``,
 ``method``.
@@ -49,11 +49,10 @@ def input_names(variant: vq_weight.Variant) -> list[str]:
     return ["A", *vq_weight.encoded_inputs(variant), "C"]
 
 
-def decode(codes: np.ndarray, codebook: np.ndarray, *, projection=None, signs=None, **attributes) -> np.ndarray:
+def decode(codes: np.ndarray, codebook: np.ndarray, **named) -> np.ndarray:
     """The dense B this node stands for."""
-    return vq_weight.weight_from_attributes(
-        codes, codebook, attributes, transposed=is_transposed(attributes), projection=projection, signs=signs
-    )
+    extras, attributes = vq_weight.split_extras(named)
+    return vq_weight.weight_from_attributes(codes, codebook, attributes, transposed=is_transposed(attributes), **extras)
 
 
 def function(variant: vq_weight.Variant, opset: int):

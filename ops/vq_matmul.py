@@ -7,7 +7,7 @@ numpy ``matmul`` semantics (broadcast batch axes), where ``W`` is rebuilt by
 for a left weight (..., M, K).
 
 Inputs: ``X`` (the activation, whichever side it multiplies from), ``codes``, ``codebook``, the
-variant's extras (``projection``, ``signs``, see ``onnxvq.ops.vq_weight``).
+variant's extras (``projection``, ``signs``, ``scales``, see ``onnxvq.ops.vq_weight``).
 Attributes: ``weight_left`` (int, 0 or 1), plus ``weight_shape``, ``weight_dtype``, ``code_bits``,
 ``method``.
 """
@@ -53,11 +53,10 @@ def input_names(variant: vq_weight.Variant) -> list[str]:
     return ["X", *vq_weight.encoded_inputs(variant)]
 
 
-def decode(codes: np.ndarray, codebook: np.ndarray, *, projection=None, signs=None, **attributes) -> np.ndarray:
+def decode(codes: np.ndarray, codebook: np.ndarray, **named) -> np.ndarray:
     """The dense W this node stands for."""
-    return vq_weight.weight_from_attributes(
-        codes, codebook, attributes, transposed=is_transposed(attributes), projection=projection, signs=signs
-    )
+    extras, attributes = vq_weight.split_extras(named)
+    return vq_weight.weight_from_attributes(codes, codebook, attributes, transposed=is_transposed(attributes), **extras)
 
 
 def function(variant: vq_weight.Variant, opset: int):

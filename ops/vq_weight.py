@@ -8,7 +8,7 @@ Math (plain product quantization): with codes ``Q`` (rows x n_sub, unpacked as i
     W = M.reshape(weight_shape)                                       (not transposed)
     W = swapaxes(M.reshape(swap_last_two(weight_shape)), -1, -2)      (transposed)
 
-cast to ``weight_dtype`` (the layout is ``onnxvq.layout``). Two optional encoded inputs change the
+cast to ``weight_dtype`` (the layout is ``onnxvq.layout``). Optional encoded inputs change the
 decode, each present only in the variants that name it (:data:`EXTRA_INPUTS`, in this order
 between ``codebook`` and the bias):
 
@@ -16,7 +16,10 @@ between ``codebook`` and the bias):
   codewords are ``C @ projection``, computed once per decode (k x rank x d multiply-adds) before
   the gather, so a low-rank weight costs no more per inference than plain PQ;
 * ``signs`` (rows x ceil(cols / 8) uint8; sign-split ``ssvq``): ``M = M * unpack(signs)``, one
-  sign bit per weight, packed and gathered as in ``onnxvq.ops.signs``.
+  sign bit per weight, packed and gathered as in ``onnxvq.ops.signs``;
+* ``scales`` (rows, float; per-output-channel scales, any method): ``M = M * scales[:, None]``,
+  applied last, so the codebook is shared by rows of very different magnitudes (BN-folded
+  convolutions) and each row keeps its own.
 
 :func:`decode_weight` is the single numpy definition; :func:`decode_body` emits the same
 computation in standard ONNX ops for the function bodies, and tests hold the two equal.
@@ -66,6 +69,7 @@ __all__ = [
     "make_function",
     "node_variant",
     "np_dtype",
+    "split_extras",
     "split_inputs",
     "weight_from_attributes",
 ]
@@ -75,8 +79,8 @@ VERSION = 1
 VQ_ATTRIBUTES = ("weight_shape", "weight_dtype", "code_bits", "method")
 MIN_OPSET = 11
 # Optional encoded inputs, in their node order, with their overload tokens.
-EXTRA_INPUTS = ("projection", "signs")
-_EXTRA_TOKENS = {"projection": "lr", "signs": "sg"}
+EXTRA_INPUTS = ("projection", "signs", "scales")
+_EXTRA_TOKENS = {"projection": "lr", "signs": "sg", "scales": "sc"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +175,7 @@ def decode_weight(
     transposed: bool,
     projection: np.ndarray | None = None,
     signs: np.ndarray | None = None,
+    scales: np.ndarray | None = None,
 ) -> np.ndarray:
     """The dense weight a VQ node stands for (the numpy definition; see module docstring)."""
     weight_shape = tuple(int(s) for s in np.asarray(weight_shape).reshape(-1))
@@ -184,6 +189,8 @@ def decode_weight(
     matrix = subvectors_to_matrix(gathered.reshape(rows, -1), cols)
     if signs is not None:
         matrix = matrix * unpack_signs(signs, cols)
+    if scales is not None:
+        matrix = matrix * scales.astype(np.float32).reshape(rows, 1)
     weight = matrix_to_weight(matrix, weight_shape, transposed)
     return np.ascontiguousarray(weight).astype(np_dtype(weight_dtype))
 
@@ -265,6 +272,14 @@ def decode_body(variant: Variant) -> list[str]:
             f"signed = Mul ({matrix}, sign_matrix)",
         ]
         matrix = "signed"
+    if "scales" in variant.extras:
+        lines += [
+            "row_scales = Cast <to: int = @weight_dtype> (scales)",
+            "column = Constant <value = int64[2] {-1, 1}> ()",
+            "row_scales_column = Reshape (row_scales, column)",
+            f"scaled = Mul ({matrix}, row_scales_column)",
+        ]
+        matrix = "scaled"
     rank = variant.transposed_rank
     if rank:
         perm = list(range(rank - 2)) + [rank - 1, rank - 2]
@@ -323,6 +338,12 @@ def weight_from_attributes(
         transposed=transposed,
         **extras,
     )
+
+
+def split_extras(named: dict) -> tuple[dict, dict]:
+    """Keyword arguments of an op module's ``decode``: ({extra input: tensor}, {attribute: value})."""
+    extras = {name: value for name, value in named.items() if name in EXTRA_INPUTS}
+    return extras, {name: value for name, value in named.items() if name not in EXTRA_INPUTS}
 
 
 def split_inputs(overload: str, tensors) -> tuple[dict, list]:

@@ -2,7 +2,7 @@
 
 Rule: for each ``(layer, packed)`` pair, the layer's node ``Conv(X, W[, B])``,
 ``Gemm(A, W[, C])``, ``MatMul(X, W)`` or ``MatMul(W, X)`` becomes
-``VQConv(X, codes, codebook[, projection][, signs][, B])`` (etc.) with the node's own attributes
+``VQConv(X, codes, codebook[, projection][, signs][, scales][, B])`` (etc.) with the node's own attributes
 unchanged, the VQ attributes of ``onnxvq.ops.vq_weight`` added, and the overload of its structural
 variant. The new node keeps the old node's name, doc string, metadata and output values (so names,
 types and shapes downstream are untouched). A weight shared by several layers gets one set of

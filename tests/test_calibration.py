@@ -7,7 +7,7 @@ import os
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from models import cnn, make_model, mlp, weight
 from onnxvq.calibration import load_calibration
@@ -132,3 +132,16 @@ def test_bad_files(tmp_path):
     assert [l.tolist() for l in calib.labels] == [[0], [1], [2]]
     with pytest.raises(OnnxVQError, match="pass a list of feed dicts"):
         load_calibration({"x": np.zeros((3, 64), np.float32)}, model)
+
+
+def test_dims_stored_as_minus_one_or_zero_are_dynamic():
+    """paddle2onnx writes a dynamic batch as dim_value -1 (rapidocr's classifier): any size fits."""
+    w = weight((8, 12), 1)
+    for dynamic in (-1, 0):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [dynamic, 12])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [dynamic, 8])
+        model = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], [x], [y],
+                           [numpy_helper.from_array(w, "w")])
+        samples = [{"x": np.ones((n, 12), np.float32)} for n in (1, 3)]
+        calib = load_calibration(samples, ir.serde.deserialize_model(model))
+        assert len(calib) == 2 and calib.batchable

@@ -332,4 +332,4 @@ def test_provenance_records_the_resolved_config():
     result = onnxvq.compress(cnn(), k=64, d=4, min_size=0, layers={"conv1": {"k": 16}})
     record = json.loads(result.model.metadata_props[onnxvq.api.PROVENANCE_KEY])
     assert record["config"]["k"] == 64
-    assert record["layers"]["conv1"] == {"method": "pq", "k": 16, "d": 4, "rule": "layers['conv1']"}
+    assert record["layers"]["conv1"] == {"method": "pq", "k": 16, "d": 4, "rule": "layers['conv1']", "scales": True}

@@ -141,8 +141,8 @@ def test_deit_tiny_sample_weight_bytes_and_int8():
 # encoded forms
 
 
-def compressed(model, k, d):
-    result = onnxvq.compress(model, k=k, d=d, min_size=0)
+def compressed(model, k, d, scales="off"):
+    result = onnxvq.compress(model, k=k, d=d, min_size=0, scales=scales)
     assert all(layer.compressed for layer in result.summary.layers)
     return result.model
 
@@ -173,6 +173,13 @@ def test_encoded_forms(build, k, d, op_type, macs, codes, codebook, bias):
     # int8 of the compressed graph = int8 of the original: the encoded weight counts as its dense twin
     int8 = only_row(compressed(build(), k, d), weight_format="int8")
     assert int8.weight_bytes == only_row(build(), weight_format="int8").weight_bytes
+
+
+def test_scales_are_read_with_the_codebook():
+    """Per-channel scales: one fp16 per output row, a small table counted with the codebook."""
+    row = only_row(compressed(gemm_trans_b(), 64, 4, scales="on"))
+    assert row.weight_bytes["codebook"] == 64 * 4 * 2 + 32 * 2
+    assert row.weight_bytes["codes"] == 32 * 6
 
 
 def test_rom_holds_codebooks_in_first_use_order():
@@ -299,7 +306,7 @@ def run_cli(*args):
 def test_cli_report_tables_json_and_png(tmp_path):
     original, vq = tmp_path / "m.onnx", tmp_path / "m.vq.onnx"
     onnx.save(cnn(), original)
-    onnxvq.compress(cnn(), k=16, d=4, min_size=0).save(vq)
+    onnxvq.compress(cnn(), k=16, d=4, min_size=0, scales="off").save(vq)
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     done = run_cli("report", vq, "--baseline", original, "--input", "x:1x3x16x16", "--set", "dram_bandwidth=16e9",
                    "--json", out_json, "--plot", out_png)

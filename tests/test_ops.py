@@ -27,7 +27,8 @@ CODINGS = [(16, 4, 11), (5, 3, 13), (256, 8, 17), (300, 5, 21)]
 
 def build(mod, case, k, d, opset, *, seed=0, codebook_dtype=np.float16, extras=()):
     """(VQ model, dense twin model, dense weight, stored codes, codebook, {extra: tensor}) for
-    one conformance case; ``extras`` adds a rank-2 ``projection`` and/or packed ``signs``."""
+    one conformance case; ``extras`` adds a rank-2 ``projection``, packed ``signs`` and/or
+    per-row ``scales``."""
     name, wshape, xshape, attrs, bias = case
     rng = np.random.default_rng(seed)
     transposed, row_axes = mod.weight_view(wshape, attrs)
@@ -46,6 +47,9 @@ def build(mod, case, k, d, opset, *, seed=0, codebook_dtype=np.float16, extras=(
         negative = rng.random(matrix.shape) < 0.5
         stored_extras["signs"] = pack_signs(negative)
         matrix = matrix * np.where(negative, -1.0, 1.0).astype(np.float32)
+    if "scales" in extras:  # magnitudes spread over three decades, as in BN-folded convolutions
+        stored_extras["scales"] = (10.0 ** rng.uniform(-2, 1, lay.rows)).astype(codebook_dtype)
+        matrix = matrix * stored_extras["scales"].astype(np.float32)[:, None]
     weight = np.ascontiguousarray(matrix_to_weight(matrix, wshape, transposed))
     bits = code_bits_for_k(k)
     stored = pack_codes(codes, bits)
@@ -138,7 +142,8 @@ def _assert_all_agree(vq, dense, case):
         _close(got, expected)
 
 
-EXTRAS = [("projection",), ("signs",), ("projection", "signs")]
+EXTRAS = [("projection",), ("signs",), ("scales",), ("projection", "signs"), ("signs", "scales"),
+          ("projection", "signs", "scales")]
 
 
 @pytest.mark.parametrize("extras", EXTRAS, ids="+".join)
@@ -168,9 +173,11 @@ def test_variant_overload_roundtrip():
         ops.Variant(4, True, 0), ops.Variant(8, False, 2), ops.Variant(16, True, 3, True),
         ops.Variant(8, True, 2, False, ("projection",)), ops.Variant(4, False, 0, True, ("signs",)),
         ops.Variant(16, True, 3, False, ("projection", "signs")),
+        ops.Variant(8, True, 2, False, ("scales",)), ops.Variant(4, True, 4, False, ("projection", "signs", "scales")),
     ):
         assert ops.Variant.from_overload(variant.overload) == variant
     assert ops.Variant(8, False, 0, extras=("projection", "signs")).overload == "8b.lr.sg"
+    assert ops.Variant(8, False, 0, extras=("signs", "scales")).overload == "8b.sg.sc"
     with pytest.raises(ValueError, match="sub-sequence"):
         ops.Variant(8, False, 0, extras=("signs", "projection"))
 

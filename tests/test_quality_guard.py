@@ -1,0 +1,80 @@
+"""The quality guard: every compress measures its output against the original and says when the
+model is damaged (onnxvq.quality_guard)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxvq
+from models import cnn, make_model, mlp, rng
+from onnxvq.quality_guard import MIN_SQNR_DB, generated_samples
+
+
+def test_good_settings_measure_and_stay_quiet():
+    result = onnxvq.compress(cnn(), k=256, d=2, min_size=0)
+    check = result.summary.check
+    assert check.source == "4 generated inputs"
+    assert check.quality.sqnr_db > MIN_SQNR_DB and check.quality.top1_agreement > 0.9
+    assert check.warning is None
+    assert "output check on 4 generated inputs: output SQNR" in result.summary.format()
+    assert result.summary.to_dict()["check"]["quality"]["sqnr_db"] > MIN_SQNR_DB
+
+
+def test_damaging_settings_are_reported():
+    result = onnxvq.compress(cnn(), k=2, d=16, min_size=0, scales="off")
+    check = result.summary.check
+    assert check.warning is not None and "damaged" in check.warning and "--calib" in check.warning
+    assert check.quality.sqnr_db < MIN_SQNR_DB
+
+
+def test_cli_prints_the_warning_even_when_quiet(tmp_path):
+    onnx.save(cnn(), tmp_path / "m.onnx")
+    done = subprocess.run(
+        [sys.executable, "-m", "onnxvq.cli", "compress", tmp_path / "m.onnx", "-o", tmp_path / "out.onnx",
+         "-k", "2", "-d", "16", "--min-size", "0", "--scales", "off", "-q"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("warning: the compressed model's output is damaged on 4 generated inputs")
+    assert (tmp_path / "out.onnx").exists()
+
+
+def test_with_calibration_data_the_check_uses_it():
+    x = rng(3).standard_normal((24, 64)).astype(np.float32)
+    result = onnxvq.compress(mlp(), calib=[{"x": x[i : i + 1]} for i in range(24)], finetune="none", min_size=0)
+    check = result.summary.check
+    assert check.source == "the held-back calibration samples"
+    assert check.quality == result.summary.calibration["quality"]["encoded"]
+
+
+def test_generated_inputs_follow_the_specs():
+    """Fixed dims kept; a dynamic batch (named, -1 or 0) is 1; other dynamic dims get a size."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", 0])
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [x, ids], [y], [])
+    samples = generated_samples(ir.serde.deserialize_model(model), seed=0)
+    feed = samples.samples[0]
+    assert feed["x"].shape == (1, 3, 64, 64) and feed["x"].dtype == np.float32
+    assert feed["ids"].shape == (1, 5) and not feed["ids"].any()
+
+
+def test_a_model_that_fails_on_generated_inputs_is_noted_not_fatal():
+    """An input whose valid values noise misses (here an index into a 4-row table)."""
+    table = numpy_helper.from_array(rng(1).standard_normal((4, 64)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng(2).standard_normal((64, 64)).astype(np.float32), "w")
+    nodes = [helper.make_node("Add", ["ids", "offset"], ["shifted"]),
+             helper.make_node("Gather", ["table", "shifted"], ["e"]),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="fc")]
+    offset = numpy_helper.from_array(np.array([99], np.int64), "offset")
+    model = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table, w, offset])
+    result = onnxvq.compress(model, min_size=0, k=16, d=4)
+    assert result.summary.check.quality is None
+    assert "did not run on generated inputs" in result.summary.check.note
