@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 
 from onnxvq import channel_scales, ops, quality_guard
 from onnxvq.activations import LayerInputs, capture_inputs
+from onnxvq.allocation import allocate
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
 from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
 from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
 from onnxvq.methods import Encoded, get_method
-from onnxvq.model_io import SOURCE_FILES, load_model, save_model
+from onnxvq.model_io import SOURCE_FILES, all_tensors, load_model, save_model
 from onnxvq.layout import WeightLayout
 from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
 from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceWithVQOpsPass
@@ -111,9 +112,17 @@ def compress(
     total_float_params = _float_params(model)
 
     layers, left_alone = find_layers(model)
-    plans = resolve_layers(config, [(l.name, l.op_type, l.size) for l in layers])
+    # A size target replaces min_size: the allocation decides which small layers stay dense.
+    resolving = dataclasses.replace(config, min_size=0) if config.targeted else config
+    plans = resolve_layers(resolving, [(l.name, l.op_type, l.size) for l in layers])
     plan_of = dict(zip(layers, plans))
-    planned = [(group, _group_plan(group, plan_of)) for group in group_by_weight(layers).values()]
+    groups = list(group_by_weight(layers).values())
+    group_plans = [_group_plan(group, plan_of) for group in groups]
+    if config.targeted:
+        group_plans = allocate(
+            model, groups, group_plans, config, input_bytes=_input_bytes(model), samples=calib_set, progress=progress
+        )
+    planned = list(zip(groups, group_plans))
     rules = [_rule(group[0], plan) for group, plan in planned]
     to_encode = [(g, p) for (g, p), rule in zip(planned, rules) if p.compressed and rule == p.rule]
 
@@ -353,6 +362,19 @@ def _write_back(model: ir.Model, learned: Mapping[str, np.ndarray]) -> None:
     for name, array in learned.items():
         value = model.graph.initializers[name]
         value.const_value = ir.tensor(array.astype(value.const_value.dtype.numpy()), name=name)
+
+
+def _input_bytes(model: ir.Model) -> int:
+    """The size of the model as the user has it: its files when it was read from files, else
+    its tensors (which dominate any model worth compressing)."""
+    files = model.meta.get(SOURCE_FILES)
+    if files and all(os.path.exists(f) for f in files):
+        return sum(os.path.getsize(f) for f in files)
+    return sum(_tensor_nbytes(t) for t, _ in all_tensors(model))
+
+
+def _tensor_nbytes(tensor) -> int:
+    return math.ceil(math.prod(tensor.shape) * tensor.dtype.bitwidth / 8)
 
 
 def _float_params(model: ir.Model) -> int:

@@ -78,6 +78,8 @@ def main() -> None:
 @click.option("--method", default=None, help="Method for all layers: pq, lr2vq, ssvq. [default: pq]")
 @click.option("-k", "k", type=int, default=None, help="Codewords per codebook (2..65536). [default: 256]")
 @click.option("-d", "d", type=int, default=None, help="Subvector length. [default: 8]")
+@click.option("--target-ratio", type=float, default=None, help="Size target: the output at least R times smaller than the input; k, d and scales chosen per layer.")
+@click.option("--target-bits", type=float, default=None, help="Size target: average stored bits per weight of the compressible layers.")
 @click.option("--rank", default=None, metavar="auto|N", help="lr2vq: clustering dimension (1..d), or auto to choose it per layer. [default: auto]")
 @click.option("--config", "config_path", type=click.Path(), default=None, help="JSON or YAML config (per-layer overrides).")
 @click.option("--skip", multiple=True, metavar="NAME_OR_re:PATTERN", help="Leave a layer dense (repeatable).")
@@ -100,7 +102,7 @@ def main() -> None:
 @click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @_user_errors
-def compress(model, output, method, k, d, rank, config_path, skip, min_size, seed, codebook_dtype, scales,
+def compress(model, output, method, k, d, target_ratio, target_bits, rank, config_path, skip, min_size, seed, codebook_dtype, scales,
              report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
              train_rest, weight_only, holdout, quiet):
     """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops.
@@ -122,8 +124,11 @@ def compress(model, output, method, k, d, rank, config_path, skip, min_size, see
          "--report": report_path},
         reads,
     )
+    if (target_ratio is not None or target_bits is not None) and (k is not None or d is not None):
+        raise OnnxVQError("a size target chooses k and d per layer: drop -k/-d, or the target")
     config = CompressConfig.from_file(config_path) if config_path else CompressConfig()
     config = config.merged(
+        target_ratio=target_ratio, target_bits=target_bits,
         method=method, k=k, d=d, skip=list(skip) or None, min_size=min_size, seed=seed,
         codebook_dtype=codebook_dtype, scales=scales, rank=_rank(rank),
     )

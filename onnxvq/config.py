@@ -66,7 +66,11 @@ class CompressConfig:
         codebook_dtype: ``float16`` (default) or ``float32``.
         scales: per-output-channel scales, ``auto`` (default: kept where they lower the
             per-channel error, :mod:`onnxvq.channel_scales`), ``on`` or ``off``.
-        min_size: layers with fewer weights stay dense unless an override names them.
+        min_size: layers with fewer weights stay dense unless an override names them (not used
+            with a size target, which decides that per layer).
+        target_ratio: a size target: the output at least this many times smaller than the input;
+            each layer's k, d and scales are then chosen by :mod:`onnxvq.allocation`.
+        target_bits: a size target: average stored bits per weight of the candidate layers.
         seed: seed of all random choices; the same seed gives the same model.
         skip: layer names or ``re:`` patterns left dense whatever else says.
         layers: per-layer overrides keyed by exact name, ``re:`` pattern or op type.
@@ -85,6 +89,8 @@ class CompressConfig:
     codebook_dtype: str = "float16"
     scales: str = "auto"
     min_size: int = 1024
+    target_ratio: float | None = None
+    target_bits: float | None = None
     seed: int = 0
     skip: list[str] = dataclasses.field(default_factory=list)
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -175,6 +181,7 @@ class CompressConfig:
         self.params_for()
         _check_codebook_dtype(self.codebook_dtype)
         _check_scales(self.scales)
+        self._check_target()
         for name in ("min_size", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -199,6 +206,22 @@ class CompressConfig:
                 self.params_for(override)
             except OnnxVQError as e:
                 raise OnnxVQError(f"layers[{key!r}]: {e}") from None
+
+
+    @property
+    def targeted(self) -> bool:
+        """Whether a size target decides the layers' settings."""
+        return self.target_ratio is not None or self.target_bits is not None
+
+    def _check_target(self) -> None:
+        if self.target_ratio is not None and self.target_bits is not None:
+            raise OnnxVQError("give one size target: --target-ratio or --target-bits, not both")
+        for name, low, high in (("target_ratio", 1.0, 1e6), ("target_bits", 0.0, 32.0)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+                raise OnnxVQError(f"{name} must be a number in ({low:g}, {high:g}] (got {value!r})")
 
 
 @dataclasses.dataclass(frozen=True)

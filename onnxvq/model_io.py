@@ -34,6 +34,7 @@ from onnxvq.errors import OnnxVQError
 
 __all__ = [
     "PROTOBUF_LIMIT",
+    "all_tensors",
     "SOURCE_FILES",
     "check_output_path",
     "check_output_paths",
@@ -190,7 +191,7 @@ def save_model(
     directory, name = os.path.split(path)
     data_name = name + ".data"
     data_path = os.path.join(directory, data_name)
-    tensors = list(_all_tensors(model))
+    tensors = list(all_tensors(model))
     external = [(t, is_attr) for t, is_attr in tensors if isinstance(t, ir.ExternalTensor)]
     too_big = sum(t.nbytes for t, _ in tensors) > PROTOBUF_LIMIT
     if external_data is None:
@@ -227,7 +228,7 @@ def save_model(
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _all_tensors(model: ir.Model) -> Iterator[tuple[ir.TensorProtocol, bool]]:
+def all_tensors(model: ir.Model) -> Iterator[tuple[ir.TensorProtocol, bool]]:
     """(tensor, is_attribute) for every initializer and tensor attribute in every graph."""
     for graph in model.graphs():
         for value in graph.initializers.values():
@@ -240,7 +241,7 @@ def _all_tensors(model: ir.Model) -> Iterator[tuple[ir.TensorProtocol, bool]]:
 
 
 def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
-    for tensor, _ in _all_tensors(model):
+    for tensor, _ in all_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             yield tensor
 

@@ -19,17 +19,17 @@ from onnxvq.quality_guard import MIN_SQNR_DB, generated_samples
 def test_good_settings_measure_and_stay_quiet():
     result = onnxvq.compress(cnn(), k=256, d=2, min_size=0)
     check = result.summary.check
-    assert check.source == "4 generated inputs"
+    assert check.source == "4 random inputs"
     assert check.quality.sqnr_db > MIN_SQNR_DB and check.quality.top1_agreement > 0.9
     assert check.warning is None
-    assert "output check on 4 generated inputs: output SQNR" in result.summary.format()
+    assert "output check on 4 random inputs: output SQNR" in result.summary.format()
     assert result.summary.to_dict()["check"]["quality"]["sqnr_db"] > MIN_SQNR_DB
 
 
 def test_damaging_settings_are_reported():
     result = onnxvq.compress(cnn(), k=2, d=16, min_size=0, scales="off")
     check = result.summary.check
-    assert check.warning is not None and "damaged" in check.warning and "--calib" in check.warning
+    assert check.warning is not None and "differs" in check.warning and "--calib" in check.warning
     assert check.quality.sqnr_db < MIN_SQNR_DB
 
 
@@ -41,7 +41,7 @@ def test_cli_prints_the_warning_even_when_quiet(tmp_path):
         capture_output=True, text=True, stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stderr.startswith("warning: the compressed model's output is damaged on 4 generated inputs")
+    assert done.stderr.startswith("warning: the compressed model's output differs from the original's on 4 random inputs")
     assert (tmp_path / "out.onnx").exists()
 
 

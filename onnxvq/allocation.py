@@ -1,0 +1,281 @@
+"""Size targets: choose each layer's encoding so the model meets a budget with the least damage.
+
+``--target-ratio R`` (the output at least R times smaller than the input) and ``--target-bits B``
+(average bits per weight of the candidate layers, everything stored counted: codes, codebooks,
+scales, and the layers left dense at their own width) turn planning into an allocation:
+
+1. **Ladder.** Every layer that no explicit setting fixes gets candidates: dense, and the
+   configured method at k = 256 (capped by its subvectors) with d in :data:`LADDER_D`, with
+   per-channel scales where ``scales`` allows them (``auto``: where the rows' RMS spread reaches
+   ``channel_scales.AUTO_MIN_SPREAD``). Candidates that store no fewer bytes than dense are dropped.
+2. **Distortion.** Each candidate is encoded quickly (k-means of at most :data:`SAMPLE_PER_CODEWORD`
+   subvectors per codeword for :data:`ESTIMATE_ITERATIONS` iterations, then every subvector
+   assigned), giving its weight error ``D_l(c) = |W - W_c|^2``.
+3. **Sensitivity.** The model output's relative error when layer ``l`` alone is replaced by its
+   reference candidate (d = :data:`REFERENCE_D`), ``E_l(ref)``, is measured in one onnxruntime
+   session whose weights are overridable inputs (on up to :data:`SENSITIVITY_SAMPLES` calibration
+   samples, else on inputs generated from the model's input specs). A layer's output error is
+   close to linear in its weight noise at these levels, so ``E_l(c) = E_l(ref) D_l(c) / D_l(ref)``.
+4. **Knapsack.** Minimise ``sum_l E_l(c_l)`` subject to the bytes fitting the budget: a
+   Lagrangian relaxation (each layer picks ``argmin E + lambda * bytes``; lambda bisected to the
+   smallest value that fits), then a greedy pass that spends the remaining bytes on the upgrades
+   with the best error saved per byte. Layers whose encodings save too little for the error they
+   cost stay dense.
+
+Each chosen plan's ``rule`` says what was chosen and why, for the summary and ``inspect``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxvq.calibration import CalibrationSet
+from onnxvq.candidates import Layer
+from onnxvq.channel_scales import AUTO_MIN_SPREAD
+from onnxvq.config import CompressConfig, LayerPlan
+from onnxvq.errors import OnnxVQError
+from onnxvq.kmeans import assign, kmeans
+from onnxvq.layout import WeightLayout
+from onnxvq.methods import get_method
+from onnxvq.packing import CODEBOOK_DTYPES
+
+__all__ = ["LADDER_D", "Budget", "Option", "allocate", "solve"]
+
+logger = logging.getLogger(__name__)
+
+LADDER_D = (1, 2, 3, 4, 6, 8, 12, 16)
+LADDER_K = 256
+REFERENCE_D = 4
+SAMPLE_PER_CODEWORD = 32
+ESTIMATE_ITERATIONS = 8
+SENSITIVITY_SAMPLES = 4
+# Bytes a compressed layer adds to the file besides its tensors (node attributes, its share of
+# the function bodies), so that the file, not only the tensors, meets the ratio.
+NODE_OVERHEAD_BYTES = 1200
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One way to store one weight: its bytes, its estimated output error, and the plan."""
+
+    nbytes: int
+    error: float
+    plan: LayerPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Bytes the free layers may take in all, and what the target means, for messages."""
+
+    nbytes: float
+    target: str
+
+
+def solve(options: Sequence[Sequence[Option]], budget: float) -> list[int]:
+    """Indices of the chosen option per item minimising the summed error within ``budget`` bytes
+    (module docstring, step 4). Raises ValueError when even the smallest options do not fit."""
+    smallest = sum(min(o.nbytes for o in item) for item in options)
+    if smallest > budget:
+        raise ValueError(f"the smallest encodings take {smallest} bytes, over the budget of {budget:.0f}")
+
+    def pick(lam: float) -> list[int]:
+        return [min(range(len(item)), key=lambda i: (item[i].error + lam * item[i].nbytes, item[i].nbytes))
+                for item in options]
+
+    def total(choice: list[int]) -> int:
+        return sum(item[i].nbytes for item, i in zip(options, choice))
+
+    low, high = 0.0, 1.0
+    while total(pick(high)) > budget:
+        high *= 4
+        if high > 1e30:
+            break
+    if total(pick(low)) <= budget:
+        high = low
+    for _ in range(100):
+        if high - low <= 1e-12 * high:
+            break
+        middle = (low + high) / 2
+        if total(pick(middle)) <= budget:
+            high = middle
+        else:
+            low = middle
+    choice = pick(high)
+    if total(choice) > budget:  # numerical corner: fall back to the smallest of each
+        choice = [min(range(len(item)), key=lambda i: item[i].nbytes) for item in options]
+    return _spend_slack(options, choice, budget)
+
+
+def _spend_slack(options, choice: list[int], budget: float) -> list[int]:
+    """Greedy upgrades (less error for more bytes) by error saved per byte, while they fit."""
+    used = sum(item[i].nbytes for item, i in zip(options, choice))
+    while True:
+        best, best_gain = None, 0.0
+        for j, (item, i) in enumerate(zip(options, choice)):
+            for candidate, option in enumerate(item):
+                extra = option.nbytes - item[i].nbytes
+                saved = item[i].error - option.error
+                if saved <= 0 or used + max(extra, 0) > budget:
+                    continue
+                gain = saved / max(extra, 1)
+                if gain > best_gain:
+                    best, best_gain = (j, candidate), gain
+        if best is None:
+            return choice
+        j, candidate = best
+        used += options[j][candidate].nbytes - options[j][choice[j]].nbytes
+        choice[j] = candidate
+
+
+def allocate(
+    model: ir.Model,
+    groups: Sequence[Sequence[Layer]],
+    plans: Sequence[LayerPlan],
+    config: CompressConfig,
+    *,
+    input_bytes: int,
+    samples: CalibrationSet | None,
+    progress: bool = False,
+) -> list[LayerPlan]:
+    """Plans for ``groups`` (layers sharing one weight) meeting ``config``'s size target.
+
+    ``plans`` are the config's own resolution (without ``min_size``, which a target replaces):
+    only ``default`` plans are allocated; explicit settings (``layers[...]``, ``skip``) are kept
+    as they are and counted in the budget.
+    """
+    free = [i for i, plan in enumerate(plans) if plan.rule == "default"]
+    fixed_bytes = sum(_fixed_bytes(groups[i], plans[i]) for i in range(len(groups)) if i not in free)
+    budget = _budget(config, groups, input_bytes, fixed_bytes, n_free=len(free))
+    if not free:
+        return list(plans)
+    from tqdm.auto import tqdm
+
+    from onnxvq.quality_guard import generated_samples
+    from onnxvq.sensitivity import OutputSensitivity
+
+    data = samples.subset(min(SENSITIVITY_SAMPLES, len(samples))) if samples is not None else None
+    data = data or generated_samples(model, seed=config.seed)
+    sensitivity = OutputSensitivity(model, [groups[i][0] for i in free], data) if data is not None else None
+    options: list[list[Option]] = []
+    with tqdm(total=len(free), desc="sizing layers", unit="layer", disable=None if progress else True, leave=False) as bar:
+        for i in free:
+            options.append(_options(groups[i][0], plans[i], config, sensitivity))
+            bar.update()
+    try:
+        choice = solve(options, budget.nbytes)
+    except ValueError:
+        smallest = fixed_bytes + sum(min(o.nbytes for o in item) for item in options)
+        raise OnnxVQError(
+            f"{budget.target} cannot be met: even the smallest encodings ({smallest} bytes of weights) "
+            "do not fit; lower the target, or drop explicit per-layer settings that keep layers large"
+        ) from None
+    chosen = list(plans)
+    for i, item, c in zip(free, options, choice):
+        chosen[i] = item[c].plan
+    return chosen
+
+
+def _budget(config: CompressConfig, groups, input_bytes: int, fixed_bytes: int, *, n_free: int) -> Budget:
+    candidate_bytes = sum(group[0].nbytes for group in groups)
+    if config.target_ratio is not None:
+        other = max(input_bytes - candidate_bytes, 0)
+        total = input_bytes / config.target_ratio
+        return Budget(total - other - fixed_bytes - NODE_OVERHEAD_BYTES * n_free, f"--target-ratio {config.target_ratio:g}")
+    weights = sum(group[0].size for group in groups)
+    return Budget(config.target_bits * weights / 8 - fixed_bytes, f"--target-bits {config.target_bits:g}")
+
+
+def _fixed_bytes(group: Sequence[Layer], plan: LayerPlan) -> int:
+    layer = group[0]
+    if not plan.compressed:
+        return layer.nbytes
+    transposed, row_axes = layer.view()
+    layout = WeightLayout(layer.weight_shape, transposed, row_axes, plan.params.d)
+    return _stored_nbytes(plan, layout)
+
+
+def _stored_nbytes(plan: LayerPlan, layout: WeightLayout, *, scaled: bool | None = None) -> int:
+    itemsize = np.dtype(CODEBOOK_DTYPES[plan.codebook_dtype]).itemsize
+    scaled = plan.scales != "off" if scaled is None else scaled
+    return get_method(plan.method).stored_nbytes(layout, plan.params, itemsize) + (layout.rows * itemsize if scaled else 0)
+
+
+def _options(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) -> list[Option]:
+    """Dense plus the ladder, each with bytes and estimated model output error."""
+    dense = Option(layer.nbytes, 0.0, dataclasses.replace(plan, method=None, params=None, rule="target: dense"))
+    method_name, base = config.params_for()
+    weight = layer.weight_array().astype(np.float32)
+    transposed, row_axes = layer.view()
+    matrix = WeightLayout(layer.weight_shape, transposed, row_axes, 1).to_matrix(weight)
+    rms = np.sqrt(np.mean(np.square(matrix, dtype=np.float64), axis=1))
+    rms = np.where(rms > 0, rms, 1.0)
+    scaled = config.scales == "on" or (config.scales == "auto" and rms.max() / rms.min() >= AUTO_MIN_SPREAD)
+    seed = np.random.SeedSequence(config.seed, spawn_key=(zlib.crc32(layer.weight.name.encode()), 1))
+    ladder = []
+    for d in LADDER_D:
+        try:
+            params = dataclasses.replace(base, d=d, k=LADDER_K)
+        except ValueError:
+            continue
+        layout = WeightLayout(layer.weight_shape, transposed, row_axes, d)
+        candidate = dataclasses.replace(plan, method=method_name, params=params, scales="on" if scaled else "off")
+        nbytes = _stored_nbytes(candidate, layout)
+        if nbytes >= layer.nbytes:
+            continue
+        approximation = _quick_encode(matrix, rms if scaled else None, layout, seed)
+        ladder.append((candidate, nbytes, approximation))
+    if not ladder:
+        return [dense]
+    errors = _estimated_errors(layer, matrix, ladder, sensitivity)
+    options = [dense]
+    for (candidate, nbytes, _), error in zip(ladder, errors):
+        rule = f"target: d={candidate.params.d} k={candidate.params.k} (est. output error {error:.2e})"
+        options.append(Option(nbytes, error, dataclasses.replace(candidate, rule=rule)))
+    return options
+
+
+def _quick_encode(matrix: np.ndarray, rms: np.ndarray | None, layout: WeightLayout, seed) -> np.ndarray:
+    """A fast approximation of the ladder point: sampled k-means, then every subvector assigned."""
+    rows = matrix / rms[:, None] if rms is not None else matrix
+    padded = np.zeros((layout.rows, layout.n_sub * layout.d), np.float32)
+    padded[:, : layout.cols] = rows
+    points = padded.reshape(-1, layout.d)
+    k = min(LADDER_K, len(points))
+    rng = np.random.default_rng(seed)
+    sample = points
+    if len(points) > SAMPLE_PER_CODEWORD * k:
+        sample = points[rng.choice(len(points), SAMPLE_PER_CODEWORD * k, replace=False)]
+    codebook = kmeans(sample, k, seed=seed, max_iter=ESTIMATE_ITERATIONS).codebook
+    codes, _ = assign(points, codebook)
+    decoded = codebook[codes].reshape(layout.rows, -1)[:, : layout.cols]
+    return decoded * rms[:, None] if rms is not None else decoded
+
+
+def _estimated_errors(layer: Layer, matrix: np.ndarray, ladder, sensitivity) -> list[float]:
+    """``E_l(c) = E_l(ref) D_l(c) / D_l(ref)`` (module docstring); without a runnable model, the
+    relative weight error itself."""
+    distortions = [float(np.sum((matrix.astype(np.float64) - approx) ** 2)) for _, _, approx in ladder]
+    signal = float(np.sum(matrix.astype(np.float64) ** 2)) or 1.0
+    ref = min(range(len(ladder)), key=lambda i: abs(ladder[i][0].params.d - REFERENCE_D))
+    measured = None
+    if sensitivity is not None:
+        transposed, _ = layer.view()
+        weight = _to_weight(ladder[ref][2], layer, transposed)
+        measured = sensitivity.error(layer, weight)
+    if measured is None or not math.isfinite(measured) or distortions[ref] <= 0:
+        return [d / signal for d in distortions]
+    return [measured * d / distortions[ref] for d in distortions]
+
+
+def _to_weight(matrix: np.ndarray, layer: Layer, transposed: bool) -> np.ndarray:
+    from onnxvq.layout import matrix_to_weight
+
+    weight = matrix_to_weight(matrix.astype(np.float32), layer.weight_shape, transposed)
+    return np.ascontiguousarray(weight).astype(layer.weight_dtype.numpy())
