@@ -89,7 +89,7 @@ def capture_inputs(
     those weights swapped in and ``cross``/``reference_inputs`` pair it with the original's
     ``x_o``; without, only the original runs.
     """
-    from tqdm.auto import tqdm
+    from onnxvq.progress import progress as progress_bar
 
     layers = [l for l in layers if capturable(l, model) is None]
     if not layers:
@@ -105,7 +105,7 @@ def capture_inputs(
         l.name: (ops.op_for_consumer(l.op_type), {n: a.value for n, a in l.consumer_attributes.items()})
         for l in layers
     }
-    for _, feed, _ in tqdm(batches, desc="capturing", unit="batch", disable=None if progress else True, leave=False):
+    for _, feed, _ in progress_bar(iterable=batches, desc="capturing", unit="batch", enabled=progress):
         acts_o = original.run(feed)
         acts_q = swapped.run(feed) if swapped else acts_o
         for layer in layers:

@@ -45,6 +45,7 @@ from onnxvq.kmeans import assign, kmeans
 from onnxvq.layout import WeightLayout
 from onnxvq.methods import get_method
 from onnxvq.packing import CODEBOOK_DTYPES
+from onnxvq.progress import progress as progress_bar
 
 __all__ = ["LADDER_D", "Budget", "Option", "allocate", "solve"]
 
@@ -155,7 +156,6 @@ def allocate(
     budget = _budget(config, groups, input_bytes, fixed_bytes, n_free=len(free))
     if not free:
         return list(plans)
-    from tqdm.auto import tqdm
 
     from onnxvq.quality_guard import generated_samples
     from onnxvq.sensitivity import OutputSensitivity
@@ -164,7 +164,7 @@ def allocate(
     data = data or generated_samples(model, seed=config.seed)
     sensitivity = OutputSensitivity(model, [groups[i][0] for i in free], data) if data is not None else None
     options: list[list[Option]] = []
-    with tqdm(total=len(free), desc="sizing layers", unit="layer", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total=len(free), desc="sizing layers", unit="layer", enabled=progress) as bar:
         for i in free:
             options.append(_options(groups[i][0], plans[i], config, sensitivity))
             bar.update()

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from onnxvq import channel_scales, ops, quality_guard
 from onnxvq.activations import LayerInputs, capture_inputs
@@ -32,6 +31,7 @@ from onnxvq.methods import Encoded, get_method
 from onnxvq.model_io import SOURCE_FILES, all_tensors, load_model, save_model
 from onnxvq.layout import WeightLayout
 from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
+from onnxvq.progress import progress as progress_bar
 from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceWithVQOpsPass
 from onnxvq.summary import LayerReport, Summary, sqnr_db
 from onnxvq.tuning import WeightJob, output_sqnr_db
@@ -134,10 +134,7 @@ def compress(
             max_rows=tuning.max_rows, batch_size=tuning.batch_size, seed=config.seed, progress=progress,
         )
     jobs: dict[int, WeightJob] = {}
-    # disable=None: tqdm shows the bar only when stderr is a terminal (never in logs or pipes).
-    with tqdm(
-        total=len(to_encode), desc="encoding", unit="weight", disable=None if progress else True, leave=False
-    ) as bar:
+    with progress_bar(total=len(to_encode), desc="encoding", unit="weight", enabled=progress) as bar:
         for group, plan in to_encode:
             bar.set_postfix_str(group[0].name, refresh=False)
             layer_inputs = inputs.get(group[0].weight.name) if tuning.data_aware else None

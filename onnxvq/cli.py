@@ -66,7 +66,35 @@ def _user_errors(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageErrors(click.Group):
+    """Click's usage errors (``-k abc``, a missing argument) as one ``error:`` line and exit 1,
+    like every other user error, instead of the usage text and exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = f"{e.ctx.command_path} --help" if e.ctx is not None else "onnxvq --help"
+            click.echo(f"error: {e.format_message()} (see {where})", err=True)
+            sys.exit(1)
+        except click.Abort:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code or 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _method_names() -> list[str]:
+    from onnxvq.methods import METHODS
+
+    return sorted(METHODS)
+
+
+@click.group(cls=_OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxvq")
 def main() -> None:
     """Vector-quantize the weights of ONNX models (see `onnxvq COMMAND --help`)."""
@@ -75,7 +103,7 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the compressed model.")
-@click.option("--method", default=None, help="Method for all layers: pq, lr2vq, ssvq. [default: pq]")
+@click.option("--method", type=click.Choice(_method_names()), default=None, help="Method for all layers. [default: pq]")
 @click.option("-k", "k", type=int, default=None, help="Codewords per codebook (2..65536). [default: 256]")
 @click.option("-d", "d", type=int, default=None, help="Subvector length. [default: 8]")
 @click.option("--target-ratio", type=float, default=None, help="Size target: the output at least R times smaller than the input; k, d and scales chosen per layer.")

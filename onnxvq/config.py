@@ -167,7 +167,7 @@ class CompressConfig:
         if unknown:
             raise OnnxVQError(
                 f"unknown setting(s) {', '.join(map(repr, unknown))} for method {method_name!r}; "
-                f"valid: {', '.join(names)}"
+                f"valid: {', '.join((*names, *_OVERRIDE_COMMON_KEYS))}"
             )
         try:
             return method_name, method.Params(**values)

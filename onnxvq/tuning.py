@@ -35,6 +35,7 @@ from onnxvq.finetune_settings import FinetuneSettings
 from onnxvq.layout import WeightLayout
 from onnxvq.methods.base import Encoded, Method, MethodParams
 from onnxvq.output_quality import OutputQuality, output_quality
+from onnxvq.progress import progress as progress_bar
 
 __all__ = ["WeightJob", "finetune", "output_sqnr_db"]
 
@@ -149,12 +150,11 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vector
     A capture runs only the part of the graph the layer depends on, and only on as many samples
     as its kept rows need (at least 16), so the cost stays near a few passes over the data.
     """
-    from tqdm.auto import tqdm
 
     from onnxvq.finetune.layerwise import train_layer
 
     current = {job.name: job.decode(job.encoded) for job in jobs}
-    with tqdm(total=len(jobs), desc="fine-tuning layers", unit="layer", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total=len(jobs), desc="fine-tuning layers", unit="layer", enabled=progress) as bar:
         for job in jobs:
             per_sample = max(vectors_per_sample.get(job.name, 1.0), 1e-9)
             needed = max(16, math.ceil(2 * settings.max_rows / per_sample))

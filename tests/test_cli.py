@@ -112,7 +112,7 @@ def _bad_inputs(tmp_path, model_path):
         ("truncated", [truncated, "-o", out], "is not a valid ONNX model"),
         ("missing file", [tmp_path / "nope.onnx", "-o", out], "no such file"),
         ("missing external data", [external, "-o", out], "external data file 'ext.onnx.data' of tensor"),
-        ("unknown method", [model_path, "-o", out, "--method", "zip"], "unknown method 'zip'; available: lr2vq, pq, ssvq"),
+        ("unknown method", [model_path, "-o", out, "--method", "zip"], "Invalid value for '--method': 'zip' is not one of 'lr2vq', 'pq', 'ssvq'"),
         ("k < 2", [model_path, "-o", out, "-k", "1"], "k must be at least 2"),
         ("d < 1", [model_path, "-o", out, "-d", "0"], "d must be at least 1"),
         ("unmatched key", [model_path, "-o", out, "--skip", "re:nothing.*"], "matches no layer; run `onnxvq inspect"),
@@ -145,7 +145,8 @@ def test_decompress_of_an_uncompressed_model_is_an_error(tmp_path, model_path):
 
 def test_usage_errors_are_short(model_path):
     done = onnxvq("compress", model_path)  # no -o
-    assert done.returncode == 2 and "Missing option '-o'" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "Missing option '-o'" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_import_does_not_pull_in_torch():
@@ -189,3 +190,40 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(tmp_path, model_pa
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
     assert not out.exists() and model_path.read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".") or p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-k", "abc"], "Invalid value for '-k'"),
+    (["--codebook-dtype", "float64"], "Invalid value for '--codebook-dtype'"),
+    (["--method", "nope"], "Invalid value for '--method'"),
+    (["--scales", "sometimes"], "Invalid value for '--scales'"),
+])
+def test_usage_errors_are_one_line(model_path, tmp_path, argv, message):
+    done = onnxvq("compress", model_path, "-o", tmp_path / "out.onnx", *argv)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith(f"error: {message}") and "--help" in done.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_config_typo_lists_every_valid_key(model_path, tmp_path):
+    (tmp_path / "c.yaml").write_text("layers:\n  conv1: {kk: 3}\n")
+    done = onnxvq("compress", model_path, "-o", tmp_path / "out.onnx", "--config", tmp_path / "c.yaml")
+    assert done.returncode == 1
+    for key in ("k", "d", "max_iter", "method", "skip", "codebook_dtype", "scales"):
+        assert f" {key}" in done.stderr.split("valid:")[1], key
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    from onnxvq import progress
+
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    with progress.progress(total=3, desc="encoding", unit="weight", enabled=True) as bar:
+        for _ in range(3):
+            bar.update()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("onnxvq: encoding 1/3 weights (33%)")
+    assert lines[-1].startswith("onnxvq: encoding 3/3 weights (100%)")
+    with progress.progress(total=3, desc="encoding", unit="weight", enabled=False) as bar:
+        bar.update(3)
+    assert capsys.readouterr().err == ""

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from onnxvq.progress import progress as progress_bar
 
 from onnxvq.calibration import CalibrationSet
 from onnxvq.finetune.torch_graph import TorchGraph
@@ -68,7 +68,7 @@ def train_end_to_end(
     total = settings.steps if settings.steps is not None else settings.epochs * per_epoch
     losses: list[float] = []
     step = 0
-    with tqdm(total=total, desc="fine-tuning e2e", unit="step", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total=total, desc="fine-tuning e2e", unit="step", enabled=progress) as bar:
         while step < total:
             for indices, feed, labels in calib.batches(settings.batch_size, rng):
                 if step >= total:
