@@ -10,7 +10,11 @@ With calibration inputs (data-aware encoding, "And the bit goes down"), the weig
 k-means result is the start of a search that minimises the layer's *output* error
 ``sum_r (m^_r - m_r)' H (m^_r - m_r)``, ``H = E[x x']``: activation-weighted Lloyd iterations
 (block-diagonal H) and then a least-squares codebook for the fixed codes under the full H
-(:mod:`onnxvq.weighted_kmeans`). Each step never increases that error.
+(:mod:`onnxvq.weighted_kmeans`). Each step never increases that error. With ``feedback`` (the
+default) and a full H, GPTVQ's Hessian error feedback (:mod:`onnxvq.gptvq`) assigns the codes
+again, position by position, pushing each position's error onto the columns not yet quantized,
+alternated with the least-squares codebook. Of the weight-space, weighted and feedback encodings
+the one with the least output error is kept (``stats["encoding"]`` says which).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import dataclasses
 
 import numpy as np
 
+from onnxvq.gptvq import refine
 from onnxvq.kmeans import KMeansResult, kmeans
 from onnxvq.weighted_kmeans import output_error, refit_codebook, weighted_kmeans
 from onnxvq.layout import WeightLayout
@@ -36,19 +41,23 @@ class PQParams(MethodParams):
         d: subvector length (default 8: about 1 bit per weight at k=256).
         max_iter: Lloyd iterations at most (k-means stops earlier once the relative inertia
             decrease falls below 1e-4).
+        feedback: with calibration data, also try GPTVQ's Hessian error feedback.
 
     Example::
 
         >>> PQParams(k=256, d=4)
-        PQParams(k=256, d=4, max_iter=50)
+        PQParams(k=256, d=4, max_iter=50, feedback=True)
     """
 
     max_iter: int = 50
+    feedback: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer (got {self.max_iter!r})")
+        if not isinstance(self.feedback, bool):
+            raise ValueError(f"feedback must be true or false (got {self.feedback!r})")
 
 
 def subvector_kmeans(subvectors: np.ndarray, layout: WeightLayout, k: int, *, seed, max_iter: int) -> KMeansResult:
@@ -77,16 +86,20 @@ class PQ(Method):
             hessian = layout.pad_moment(inputs.hessian)
             weighted = weighted_kmeans(subvectors, hessian, codebook, max_iter=params.max_iter)
             weighted_codes = weighted.codes.reshape(layout.rows, layout.n_sub)
-            weighted_codebook = refit_codebook(subvectors, weighted_codes, weighted.codebook, hessian)
-            # The assignment sees only H's diagonal blocks: with strongly cross-correlated
-            # inputs it can lose to the weight-space codes, so the better of the two is kept.
-            if output_error(subvectors, weighted_codes, weighted_codebook, hessian) <= output_error(
-                subvectors, codes, codebook, hessian
-            ):
-                codes, codebook = weighted_codes, weighted_codebook
-            else:
-                codebook = refit_codebook(subvectors, codes, codebook, hessian)
+            candidates = {
+                # The assignment sees only H's diagonal blocks: with strongly cross-correlated
+                # inputs it can lose to the weight-space codes, so both compete.
+                "weighted": (weighted_codes, refit_codebook(subvectors, weighted_codes, weighted.codebook, hessian)),
+                "weight-space": (codes, refit_codebook(subvectors, codes, codebook, hessian)),
+            }
+            if params.feedback and hessian.ndim == 2:
+                feedback_codes, feedback_codebook, _ = refine(subvectors, hessian, candidates["weighted"][1])
+                candidates["feedback"] = (feedback_codes, feedback_codebook)
+            errors = {name: output_error(subvectors, c, cb, hessian) for name, (c, cb) in candidates.items()}
+            chosen = min(errors, key=errors.get)
+            codes, codebook = candidates[chosen]
             stats["weighted_iterations"] = weighted.iterations
+            stats["encoding"] = chosen
         return Encoded(method=self.name, codes=codes, codebook=codebook, stats=stats)
 
     def trainable(self, encoded, layout, params):
