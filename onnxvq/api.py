@@ -284,6 +284,7 @@ def _reports(
             report.code_bits, report.bytes_after = packed.code_bits, packed.nbytes
             report.rank = packed.rank if packed.rank is not None else packed.stats.get("rank")
             report.scales = "scales" in packed.extras
+            report.storage_note = packed.stats.get("codebook_dtype_note")
             report.sqnr_db, report.output_sqnr_db = sqnr, output_sqnr
             report.finetune = dict(job.finetune_stats) or None
         reports.append(report)

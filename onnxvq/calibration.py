@@ -21,6 +21,7 @@ batches; other models run one sample at a time.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import zipfile
@@ -31,6 +32,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxvq.errors import OnnxVQError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CalibrationSet", "LABELS_KEY", "load_calibration"]
 
@@ -137,8 +140,9 @@ def load_calibration(
     samples, sample_labels = _read(source, inputs)
     if not samples:
         raise OnnxVQError(f"no calibration samples in {where}; give at least one")
+    fixed_batch = _fixed_batch(inputs, samples)
     for i, sample in enumerate(samples):
-        _check_sample(sample, inputs, f"{where}, sample {i}")
+        _check_sample(sample, inputs, f"{where}, sample {i}", batch=1 if fixed_batch else None)
 
     if labels is not None:
         if any(l is not None for l in sample_labels):
@@ -152,8 +156,46 @@ def load_calibration(
         checked_labels = [np.asarray(l, np.int64).reshape(-1) for l in sample_labels]
     else:
         checked_labels = None
+    if fixed_batch:
+        samples, checked_labels = _stack_to_batch(samples, checked_labels, fixed_batch, where)
     batchable = all(v.shape is not None and len(v.shape) > 0 and _is_symbolic(v.shape[0]) for v in inputs.values())
     return CalibrationSet(samples, checked_labels, batchable)
+
+
+def _fixed_batch(inputs: Mapping[str, ir.Value], samples: list[dict]) -> int | None:
+    """The model's fixed batch size when it is over 1 and every sample is a batch of one (such
+    samples are then stacked to the model's size), else None."""
+    firsts = {v.shape[0] if v.shape is not None and len(v.shape) else None for v in inputs.values()}
+    if len(firsts) != 1:
+        return None
+    batch = firsts.pop()
+    if batch is None or _is_symbolic(batch) or batch <= 1:
+        return None
+    if all(name in sample and np.ndim(sample[name]) and np.shape(sample[name])[0] == 1
+           for sample in samples for name in inputs):
+        return int(batch)
+    return None
+
+
+def _stack_to_batch(samples: list[dict], labels: list[np.ndarray] | None, batch: int, where: str):
+    """Consecutive batch-of-one samples stacked into the model's fixed batch; a remainder that
+    does not fill a batch is left out (and said so)."""
+    if len(samples) < batch:
+        raise OnnxVQError(
+            f"the model takes batches of exactly {batch} and {where} has {len(samples)} sample(s) of "
+            f"batch 1; give at least {batch} (they are stacked {batch} at a time)"
+        )
+    used = len(samples) - len(samples) % batch
+    if used < len(samples):
+        logger.warning("calibration: the model takes batches of %d; the last %d sample(s) of %s are left out",
+                       batch, len(samples) - used, where)
+    stacked = [
+        {name: np.concatenate([s[name] for s in samples[i : i + batch]]) for name in samples[0]}
+        for i in range(0, used, batch)
+    ]
+    if labels is not None:
+        labels = [np.concatenate(labels[i : i + batch]) for i in range(0, used, batch)]
+    return stacked, labels
 
 
 def _graph_inputs(model: ir.Model) -> dict[str, ir.Value]:
@@ -311,7 +353,9 @@ def _check_labels(labels: np.ndarray, sample: dict, where: str) -> None:
         raise OnnxVQError(f"labels of {where} contain negative values; labels must be class indices >= 0")
 
 
-def _check_sample(sample: dict, inputs: Mapping[str, ir.Value], where: str) -> None:
+def _check_sample(sample: dict, inputs: Mapping[str, ir.Value], where: str, *, batch: int | None = None) -> None:
+    """Raise OnnxVQError for a sample the model cannot take; ``batch`` overrides the model's
+    first dimension (samples to be stacked to a fixed batch)."""
     missing = [name for name in inputs if name not in sample]
     if missing:
         raise OnnxVQError(
@@ -341,6 +385,8 @@ def _check_sample(sample: dict, inputs: Mapping[str, ir.Value], where: str) -> N
                 f"{len(shape)} ({_format_shape(shape)})"
             )
         for axis, (got, want) in enumerate(zip(array.shape, shape)):
+            if axis == 0 and batch is not None:
+                want = batch
             if not _is_symbolic(want) and got != want:
                 raise OnnxVQError(
                     f"{where}: input {name!r} has shape {array.shape} but the model expects "

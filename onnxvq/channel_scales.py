@@ -74,7 +74,7 @@ def encode(
     matrix = layout.to_matrix(weight).astype(np.float32)
     rms = _row_rms(matrix)
     if scales == "off" or (scales == "auto" and _spread(rms) < AUTO_MIN_SPREAD):
-        return _with_choice(method.encode(weight, **kwargs), "off")
+        return _with_choice(_encode_unit_scaled(method, weight, matrix, **kwargs), "off")
 
     normalized = _from_matrix(matrix / rms[:, None], layout)
     scaled = method.encode(normalized, **kwargs)
@@ -86,13 +86,26 @@ def encode(
     if scales == "on" or _spread(rms) >= AUTO_SURE_SPREAD:
         return _with_choice(scaled, "on")
 
-    plain = method.encode(weight, **kwargs)
+    plain = _encode_unit_scaled(method, weight, matrix, **kwargs)
     error_scaled = relative_channel_error(matrix, layout.to_matrix(decode(scaled)), hessian)
     error_plain = relative_channel_error(matrix, layout.to_matrix(decode(plain)), hessian)
     chosen, choice = (scaled, "on") if error_scaled < error_plain else (plain, "off")
     return _with_choice(
         chosen, choice, relative_error_scaled=round(error_scaled, 6), relative_error_plain=round(error_plain, 6)
     )
+
+
+def _encode_unit_scaled(method: Method, weight: np.ndarray, matrix: np.ndarray, **kwargs) -> Encoded:
+    """``method.encode`` of ``weight / 2^e`` with ``2^e`` nearest the weight's RMS, the codebook
+    multiplied back: exact (a power of two), and weights around 1e30 or 1e-30 no longer
+    overflow or underflow the squared distances of k-means in float32. Every method's decode is
+    linear in its codebook, so scaling the codebook scales the weight."""
+    rms = float(np.sqrt(np.mean(np.square(matrix, dtype=np.float64))))
+    exponent = int(np.round(np.log2(rms))) if rms > 0 and np.isfinite(rms) else 0
+    if exponent == 0:
+        return method.encode(weight, **kwargs)
+    encoded = method.encode(np.ldexp(weight, -exponent).astype(np.float32), **kwargs)
+    return dataclasses.replace(encoded, codebook=np.ldexp(encoded.codebook.astype(np.float32), exponent))
 
 
 def relative_channel_error(matrix: np.ndarray, approximation: np.ndarray, hessian: np.ndarray | None) -> float:

@@ -107,8 +107,9 @@ def pack(
             stats["codebook_dtype_note"] = f"{np.dtype(dtype).name} overflow, kept float32"
             return table.astype(np.float32)
         table32 = table.astype(np.float32)
-        error = np.linalg.norm(cast.astype(np.float32) - table32)
-        if error > 1e-3 * np.linalg.norm(table32):
+        # float64: the norms of weights around 1e-30 underflow in float32.
+        error = np.linalg.norm(cast.astype(np.float64) - table32)
+        if error > 1e-3 * np.linalg.norm(table32.astype(np.float64)):
             stats["codebook_dtype_note"] = f"values below {np.dtype(dtype).name}'s range, kept float32"
             return table32
         return cast

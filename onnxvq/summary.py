@@ -64,6 +64,7 @@ class LayerReport:
     finetune: dict | None = None  # the fine-tune bridge's numbers for this weight
     rank: int | None = None  # low-rank codebooks (lr2vq): the clustering dimension d~
     scales: bool | None = None  # per-output-channel scales stored (onnxvq.channel_scales)
+    storage_note: str | None = None  # e.g. a float16 table kept float32 (onnxvq.packing)
 
     @property
     def ratio(self) -> float | None:
@@ -156,6 +157,8 @@ class Summary:
                     note += f" rank {l.rank}"
                 if l.scales and not l.shared_with:
                     note += " scaled"
+                if l.storage_note and not l.shared_with:
+                    note += f" ({l.storage_note})"
                 rows.append((
                     l.name, l.op_type, f"{l.params:,}", format_bytes(l.bytes_before),
                     format_bytes(l.bytes_after) if not l.shared_with else "-",

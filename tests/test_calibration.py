@@ -145,3 +145,19 @@ def test_dims_stored_as_minus_one_or_zero_are_dynamic():
         samples = [{"x": np.ones((n, 12), np.float32)} for n in (1, 3)]
         calib = load_calibration(samples, ir.serde.deserialize_model(model))
         assert len(calib) == 2 and calib.batchable
+
+
+def test_batch_one_samples_are_stacked_to_a_fixed_batch():
+    """A model exported with batch 2 fixed, calibrated with samples of batch 1."""
+    w = weight((8, 12), 2)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    model = ir.serde.deserialize_model(make_model(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], [x], [y], [numpy_helper.from_array(w, "w")]))
+    samples = [{"x": np.full((1, 12), i, np.float32)} for i in range(5)]
+    calib = load_calibration(samples, model, labels=np.arange(5))
+    assert [s["x"].shape for s in calib.samples] == [(2, 12), (2, 12)]  # the fifth is left out
+    assert [s["x"][:, 0].tolist() for s in calib.samples] == [[0, 1], [2, 3]]
+    assert [l.tolist() for l in calib.labels] == [[0, 1], [2, 3]]
+    with pytest.raises(OnnxVQError, match="batches of exactly 2"):
+        load_calibration(samples[:1], model)

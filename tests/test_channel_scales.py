@@ -5,6 +5,7 @@ decompressed twin."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import onnx_ir as ir
@@ -113,17 +114,24 @@ def test_every_method_writes_scales_that_every_runtime_decodes(method, k, d):
     assert 10 * np.log10((original**2).sum() / ((original - got) ** 2).sum()) > 10
 
 
-def test_tiny_weights_keep_their_precision():
-    """Weights around 1e-8 are below float16's range: the table is kept float32, not zeroed."""
-    weight = (rng(6).standard_normal((64, 32)) * 1e-8).astype(np.float32)
+@pytest.mark.parametrize("magnitude", [1e-8, 1e-30, 1e30])
+def test_extreme_weights_keep_their_precision(magnitude):
+    """Weights far outside float16's range (and whose squares leave float32's) are encoded as
+    well as ordinary ones: tables kept float32 and said so, no overflow warnings."""
+    weight = (rng(6).standard_normal((64, 32)) * magnitude).astype(np.float32)
     node = helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)
     model = make_model(
         [node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [numpy_helper.from_array(weight, "w")],
     )
     for scales in ("off", "on"):
-        result = onnxvq.compress(model, k=64, d=2, min_size=0, scales=scales)
-        assert result.summary.layers[0].sqnr_db > 10, scales
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = onnxvq.compress(model, k=64, d=2, min_size=0, scales=scales)
+        layer = result.summary.layers[0]
+        assert layer.sqnr_db > 14, (scales, layer.sqnr_db)
+        assert "kept float32" in (layer.storage_note or ""), scales
+        assert "kept float32" in result.summary.format()
 
 
 def test_finetuning_learns_the_scales():
