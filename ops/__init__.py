@@ -3,11 +3,23 @@
 Each op module states its math, gives the numpy ``decode`` (built on the single definition in
 :mod:`onnxvq.ops.vq_weight`), an ``onnx.reference`` kernel (``OpRun`` subclass), the standard-op
 function body (``function(variant, opset)``) and conformance ``CASES``.
+
+Running the bodies in ``onnx.reference``: :func:`inline_bodies` first. ``onnx.reference``
+(onnx 1.23) cannot run a model-local function as called, for three reasons no body can work
+around: it keys functions by (domain, name) and ignores IR 10 overloads, so a model with two
+variants of one op runs one body for both; a function attribute the node leaves unset (Gemm's
+``alpha``, Conv's ``pads``) is an error rather than "absent"; and its ``Constant`` of opset <= 11
+rejects an attribute reference, while ``weight_shape`` reaches the body only through one (a tensor
+attribute becomes a value only through ``Constant``, and ``value_ints`` needs opset 12). onnx's
+inliner resolves all three as the spec says, which is what onnxruntime does too.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
+
+import onnx
+import onnx.inliner
 
 from onnxvq.ops import vq_conv, vq_gemm, vq_matmul, vq_weight
 from onnxvq.ops.vq_weight import DOMAIN, MIN_OPSET, VERSION, Variant
@@ -17,6 +29,7 @@ __all__ = [
     "MIN_OPSET",
     "VERSION",
     "Variant",
+    "inline_bodies",
     "input_names",
     "op_for_consumer",
     "op_module",
@@ -49,3 +62,27 @@ def consumers() -> tuple[str, ...]:
 def reference_ops() -> list[type]:
     """``OpRun`` classes for ``onnx.reference.ReferenceEvaluator(model, new_ops=...)``."""
     return [vq_conv.VQConv, vq_gemm.VQGemm, vq_matmul.VQMatMul]
+
+
+def inline_bodies(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``ai.onnxvq`` nodes are replaced by their function bodies.
+
+    Contract: every ``ai.onnxvq`` node, in the main graph and in If/Loop/Scan bodies, becomes the
+    standard ops of its own overload's body, with the node's attribute values substituted and
+    unset attributes left unset; the ``ai.onnxvq`` functions are dropped; every other model-local
+    function is kept as it is. The result computes what onnxruntime computes from ``model`` and
+    runs in ``onnx.reference.ReferenceEvaluator`` at every opset the bodies support (>=
+    :data:`MIN_OPSET`), which ``model`` itself does not (see the module docstring). ``model`` is
+    not modified.
+
+    Example::
+
+        >>> from onnx.reference import ReferenceEvaluator
+        >>> outputs = ReferenceEvaluator(inline_bodies(compressed)).run(None, feeds)  # doctest: +SKIP
+    """
+    ids = sorted({(f.domain, f.name) for f in model.functions if f.domain == DOMAIN})
+    if not ids:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    return onnx.inliner.inline_selected_functions(model, ids, exclude=False)

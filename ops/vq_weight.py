@@ -40,7 +40,8 @@ Body facts (onnxruntime 1.31, DESIGN.md): ``Gather`` takes only int32/int64 indi
 cast first; 4-bit codes decode fastest through a "pair codebook" (256 rows of two codewords,
 gathered by byte); the codebook is cast to the weight dtype *before* the gather (k x d values
 rather than the whole weight). Only ops whose signature is stable from opset 11 to the newest are
-used (no Unsqueeze, no Constant ``value_ints``), so bodies work in any model of opset >= 11.
+used (no Unsqueeze, no Constant ``value_ints``), so bodies work in any model of opset >= 11
+(in ``onnx.reference`` once inlined: ``onnxvq.ops.inline_bodies`` says why).
 """
 
 from __future__ import annotations
