@@ -10,11 +10,14 @@ Rules
 
 MACs (multiply-accumulates)
     Conv: ``N * O * prod(output spatial) * (I / group) * prod(kernel)``, i.e. ``numel(Y) *
-    prod(W.shape[1:])``. Gemm: ``M * N * K`` (K from A and ``transA``). MatMul: ``prod(batch) *
-    M * N * K`` with numpy broadcasting, i.e. ``numel(Y) * K``. The ``ai.onnxvq`` ops count the
-    MACs of the op they stand for (their ``weight_shape`` attribute gives the weight); the decode
-    gathers are table look-ups, not MACs, and are not counted. Every other op: 0 MACs (its traffic
-    still counts).
+    prod(W.shape[1:])``. ConvTranspose (any rank, groups): every input element is scattered
+    through its group's ``O / group`` kernels, ``N * I * prod(input spatial) * (O / group) *
+    prod(kernel)``, i.e. ``numel(X) * prod(W.shape[1:])`` with W (I, O/group, k1, .., kn) (taps
+    that ``pads`` crop off are computed, so counted). Gemm: ``M * N * K`` (K from A and
+    ``transA``). MatMul: ``prod(batch) * M * N * K`` with numpy broadcasting, i.e. ``numel(Y) *
+    K``. The ``ai.onnxvq`` ops count the MACs of the op they stand for (their ``weight_shape``
+    attribute gives the weight); the decode gathers are table look-ups, not MACs, and are not
+    counted. Every other op: 0 MACs (its traffic still counts).
 
 Weight bytes (what a node fetches that is not an activation)
     Every input that is a constant (an initializer that is not a graph input, or a ``Constant``
@@ -30,10 +33,24 @@ Weight bytes (what a node fetches that is not an activation)
 
 Activation bytes
     Non-constant inputs read and outputs written, ``numel * element size`` (``Shape`` and
-    ``Size`` read no data, only metadata); shapes come from ONNX
-    shape inference with the graph inputs fixed to the user's shapes. Floating-point activations
+    ``Size`` read no data, only metadata); shapes come from ONNX shape inference with the graph
+    inputs fixed to the user's shapes, and dims stored as -1 or 0 (paddle2onnx's dynamic axes)
+    taken as unknown. Where a shape depends on values computed in the graph (a Reshape target
+    built from ``Shape``, ``Gather``, ``Cast``, ``Concat``...), those small computations are
+    evaluated and inference runs again, until nothing more is learnt. Floating-point activations
     take the profile's ``activation_bytes`` when it is set (an int8 NPU datapath moves 1 byte per
     element whatever the model's dtype); integer tensors keep their dtype.
+
+Aliases (ops that move no data)
+    ``Identity``, ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Flatten``, ``Dropout`` in inference
+    (no ``training_mode``, or a constant false one) and a ``Cast``/``CastLike`` to the type the
+    input already has only relabel their input: their first output *is* the input's buffer. Such a
+    node reads and writes no activation bytes (its other constant inputs, e.g. Reshape's shape,
+    still count as ``other`` weights; a Dropout mask it writes counts); whoever reads the alias
+    reads the original tensor, under the original's DRAM/on-chip rule, and a constant seen through
+    an alias is still a weight (an ``Identity`` of an initializer feeding a Conv is its ``dense``
+    weight). When an alias is a graph output, the original's producer writes it to DRAM; a graph
+    input passed straight to a graph output is one DRAM copy (read + write) on the alias node.
 
 On-chip buffer rule (``onchip_buffer_bytes = B``)
     * An activation whose bytes fit in B stays on chip between its producer and its consumers:
@@ -69,6 +86,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -81,9 +99,12 @@ __all__ = ["NodeTraffic", "Traffic", "WEIGHT_KINDS", "analyze", "parse_input_sha
 
 WEIGHT_KINDS = ("dense", "codes", "codebook", "bias", "other")
 WEIGHT_FORMATS = ("as_stored", "int8")
-_MAC_OPS = {"Conv", "Gemm", "MatMul"}
+_MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Ops that read only their input's shape, never its data.
 _METADATA_ONLY = {"Shape", "Size"}
+# Ops whose first output is always their first input relabelled (module docstring, aliases);
+# Dropout and Cast/CastLike only in some cases (_moves_no_data).
+_ALIAS_OPS = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 
 
 @dataclasses.dataclass
@@ -217,6 +238,14 @@ def analyze(
     graph_outputs = {v.name for v in graph.outputs}
     rom = _rom_codebooks(graph, profile.rom_bytes)
 
+    aliases = _aliases(graph, shapes)
+
+    def root(value: ir.Value) -> ir.Value:
+        return aliases.get(value, value)
+
+    # Tensors whose producer writes them to DRAM: graph outputs, also through an alias.
+    output_roots = {root(v) for v in graph.outputs}
+
     rows: list[NodeTraffic] = []
     names_seen: dict[str, int] = {}
     for index, node in enumerate(graph):
@@ -225,19 +254,30 @@ def analyze(
         row = NodeTraffic(_row_name(node, index, names_seen), node.op_type)
         is_vq = node.domain == ops.DOMAIN
         mac_like = is_vq or (node.domain == "" and node.op_type in _MAC_OPS)
+        alias = node.outputs[0] if node.outputs and node.outputs[0] in aliases else None
         stored_weight = 0  # the weight operand as stored, for the tiling rule
         input_act = 0
         for slot, value in enumerate(node.inputs):
             if value is None:
                 continue
-            tensor = constant_tensor(value)
+            source = root(value)
+            tensor = constant_tensor(source)
+            if alias is not None and slot == 0:
+                # The output is this very buffer: nothing moves, except a graph input handed
+                # straight to a graph output (a DRAM-to-DRAM copy).
+                if tensor is None and source.producer() is None and alias.name in graph_outputs:
+                    nbytes = act_size(source.name)
+                    row.activation_read += nbytes
+                    row.activation_written += nbytes
+                    row.offchip_activation_bytes += 2 * nbytes
+                continue
             if tensor is None:
                 if node.domain == "" and node.op_type in _METADATA_ONLY:
                     continue
-                nbytes = act_size(value.name)
+                nbytes = act_size(source.name)
                 row.activation_read += nbytes
                 input_act += nbytes
-                if value.name in graph_inputs or nbytes > buffer:
+                if source.name in graph_inputs or nbytes > buffer:
                     row.offchip_activation_bytes += nbytes
                 continue
             kind = _weight_kind(node, slot)
@@ -251,18 +291,18 @@ def analyze(
                 else:
                     nbytes = 0
             row.weight_bytes[kind] += nbytes
-            if kind == "codebook" and value in rom:
+            if kind == "codebook" and source in rom:
                 row.rom_bytes += nbytes
                 continue
             row.offchip_weight_bytes += nbytes
             if kind in ("dense", "codes", "codebook", "other") and mac_like:
                 stored_weight += nbytes
         for value in node.outputs:
-            if value is None or not value.name:
+            if value is None or not value.name or value is alias:
                 continue
             nbytes = act_size(value.name)
             row.activation_written += nbytes
-            if value.name in graph_outputs or nbytes > buffer:
+            if value in output_roots or nbytes > buffer:
                 row.offchip_activation_bytes += nbytes
         if mac_like:
             row.macs = _macs(node, shapes)
@@ -339,30 +379,75 @@ def _macs(node: ir.Node, shapes: dict) -> int:
         weight_shape = _vq_weight_shape(node)
     else:
         weight_shape = None
-    first = shapes[node.inputs[0].name][0] if node.inputs[0] is not None and node.inputs[0].name in shapes else None
+    first = _shape_of(node.inputs[0], shapes) if node.inputs[0] is not None else None
     attrs = node.attributes
-    if op == "Conv":
+    if op in ("Conv", "ConvTranspose"):
         if weight_shape is None:
             weight_shape = _shape_of(node.inputs[1], shapes)
-        return numel_out * math.prod(weight_shape[1:])
+        # Conv: each output element is one kernel's dot product; ConvTranspose: each input
+        # element is scattered through one group's O/g kernels (both prod(W.shape[1:]) MACs).
+        numel = numel_out if op == "Conv" else math.prod(first)
+        return numel * math.prod(weight_shape[1:])
     if op == "Gemm":
         trans_a = attrs["transA"].as_int() if "transA" in attrs else 0
-        a_shape = first if first is not None else _shape_of(node.inputs[0], shapes)
-        return numel_out * int(a_shape[0] if trans_a else a_shape[-1])
+        return numel_out * int(first[0] if trans_a else first[-1])
     # MatMul: K is the last dim of the left operand (its only dim when 1-D)
     if weight_shape is not None:
         left_is_weight = "weight_left" in attrs and attrs["weight_left"].as_int()
         left = weight_shape if left_is_weight else first
     else:
-        left = _shape_of(node.inputs[0], shapes)
+        left = first
     return numel_out * int(left[-1])
 
 
 def _shape_of(value: ir.Value, shapes: dict) -> tuple[int, ...]:
+    """The shape of ``value`` itself: a constant's, else the inferred one (never an alias's source)."""
     tensor = constant_tensor(value)
     if tensor is not None:
         return tuple(int(s) for s in tensor.shape)
     return shapes[value.name][0]
+
+
+def _aliases(graph: ir.Graph, shapes: dict) -> dict[ir.Value, ir.Value]:
+    """alias output -> the tensor it is (chains resolved), for nodes that move no data."""
+    out: dict[ir.Value, ir.Value] = {}
+    for node in graph:  # topological order: a chain's source is resolved before its alias
+        if node.domain != "" or not node.inputs or node.inputs[0] is None or not node.outputs:
+            continue
+        if node.outputs[0] is None or not _moves_no_data(node, shapes):
+            continue
+        source = node.inputs[0]
+        out[node.outputs[0]] = out.get(source, source)
+    return out
+
+
+def _moves_no_data(node: ir.Node, shapes: dict) -> bool:
+    """Whether ``node``'s first output is its first input relabelled (module docstring, aliases)."""
+    op = node.op_type
+    if op in _ALIAS_OPS:
+        return True
+    if op == "Dropout":
+        # Inference unless training_mode (opset >= 12) is given and not a constant false.
+        mode = node.inputs[2] if len(node.inputs) > 2 else None
+        if mode is None:
+            return True
+        tensor = constant_tensor(mode)
+        return tensor is not None and not tensor.numpy().reshape(-1).any()
+    if op == "Cast" and "to" in node.attributes:
+        return _elem_type(node.inputs[0], shapes) == node.attributes["to"].as_int()
+    if op == "CastLike" and len(node.inputs) > 1 and node.inputs[1] is not None:
+        source = _elem_type(node.inputs[0], shapes)
+        return source is not None and source == _elem_type(node.inputs[1], shapes)
+    return False
+
+
+def _elem_type(value: ir.Value, shapes: dict) -> int | None:
+    """ONNX element type of ``value`` (from inference, else its declared or constant type)."""
+    if value.name in shapes:
+        return shapes[value.name][1]
+    tensor = constant_tensor(value)
+    dtype = tensor.dtype if tensor is not None else value.dtype
+    return int(dtype) if dtype is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +458,7 @@ def _infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> 
     """name -> (shape, onnx elem type) of every activation of the main graph; see :func:`analyze`."""
     proto = ir.serde.serialize_model(model)
     _fix_inputs(proto, input_shapes)
-    shapes = _run_inference(proto)
+    shapes = _shapes_of(proto)
     missing = _unknown_activations(model, shapes)
     if missing and any(n.domain == ops.DOMAIN for n in model.graph):
         # Activation shapes of a compressed model equal those of its decompressed twin (same
@@ -382,7 +467,7 @@ def _infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> 
 
         twin = ir.serde.serialize_model(decompress(model))
         _fix_inputs(twin, input_shapes)
-        shapes.update({k: v for k, v in _run_inference(twin).items() if k not in shapes})
+        shapes.update({k: v for k, v in _shapes_of(twin).items() if k not in shapes})
         missing = _unknown_activations(model, shapes)
     if missing:
         raise OnnxVQError(
@@ -390,6 +475,95 @@ def _infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> 
             "shapes with --input NAME:SHAPE (e.g. --input image:1x3x224x224)"
         )
     return shapes
+
+
+def _shapes_of(proto: onnx.ModelProto) -> dict[str, tuple]:
+    """Shape inference, then again after folding the small shape computations it could not
+    follow (e.g. paddle2onnx's ``Shape -> Cast -> Slice -> Cast -> Concat -> Reshape``), for as
+    long as a round folds something (a folded Reshape gives the shape the next ``Shape`` reads)."""
+    _forget_unknown_dims(proto)
+    shapes = _run_inference(proto)
+    produced = {name for node in proto.graph.node if node.op_type != "Constant" for name in node.output if name}
+    while not produced <= shapes.keys():
+        values = _fold_shape_computations(proto, shapes)
+        if not values:
+            break
+        for name, array in values.items():
+            shapes.setdefault(name, (array.shape, onnx.helper.np_dtype_to_tensor_dtype(array.dtype)))
+        shapes.update({k: v for k, v in _run_inference(proto).items() if k not in shapes})
+    return shapes
+
+
+def _forget_unknown_dims(proto: onnx.ModelProto) -> None:
+    """Declared dims of -1 or 0 (paddle2onnx writes them for dynamic axes) become unknown, so that
+    inference neither trusts nor fights them."""
+    graph = proto.graph
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = info.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        for dim in tensor_type.shape.dim:
+            if dim.HasField("dim_value") and not _fixed(dim):
+                dim.Clear()
+
+
+# Shape computations are small: values of at most this many elements are folded.
+_FOLD_LIMIT = 1 << 12
+_NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def _fold_shape_computations(proto: onnx.ModelProto, shapes: dict) -> dict[str, np.ndarray]:
+    """Replace in ``proto`` every node whose outputs are small values computable from constants
+    and known shapes by initializers holding those values; return them (empty: none found).
+
+    Evaluated with ``onnx.reference`` one node at a time, at the model's opsets; the input shapes
+    were fixed by the caller, so ``Shape`` outputs are plain constants.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    opset_imports = list(proto.opset_import)
+    overridable = {i.name for i in graph.input}
+    known: dict[str, np.ndarray] = {}
+    for init in graph.initializer:
+        external = init.data_location == onnx.TensorProto.EXTERNAL
+        if init.name not in overridable and not external and math.prod(init.dims) <= _FOLD_LIMIT:
+            known[init.name] = onnx.numpy_helper.to_array(init)
+    folded: dict[str, np.ndarray] = {}
+    kept = []
+    for node in graph.node:
+        kept.append(node)
+        if node.domain != "" or node.op_type in _NOT_FOLDED:
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        names = [i for i in node.input if i]
+        if node.op_type in _METADATA_ONLY and names and names[0] in shapes:
+            # Only the shape is read: a zero-stride view of one byte stands for the tensor.
+            shape = shapes[names[0]][0]
+            feeds = {names[0]: np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), shape, [0] * len(shape))}
+        elif all(i in known for i in names) and sum(known[i].size for i in names) <= _FOLD_LIMIT:
+            feeds = {i: known[i] for i in names}
+        else:
+            continue
+        # A function pins the model's opset (a bare node would run at the newest one).
+        function = onnx.helper.make_function("onnxvq.fold", "fold", names, node.output, [node], opset_imports)
+        try:
+            results = ReferenceEvaluator(function).run(None, feeds, attributes={})
+        except Exception:  # an op onnx.reference lacks or refuses: leave the node to inference
+            continue
+        outputs = {name: np.asarray(r) for name, r in zip(node.output, results) if name}
+        if not outputs or any(r.size > _FOLD_LIMIT or r.dtype == object for r in outputs.values()):
+            continue
+        known.update(outputs)
+        if node.op_type != "Constant":
+            folded.update(outputs)
+            kept.pop()
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(onnx.numpy_helper.from_array(v, n) for n, v in folded.items())
+    return folded
 
 
 def _fix_inputs(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> None:

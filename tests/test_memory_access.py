@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -338,3 +340,189 @@ def test_cli_report_errors(tmp_path):
         done = run_cli("report", path, *args)
         assert done.returncode == 1 and message in done.stderr, done.stderr
         assert done.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# aliases: ops that move no data
+
+
+def conv_identity_conv(identity=True):
+    """x (1,4,8,8) -> conv1 (8,4,3,3) pads 1 -> a (1,8,8,8) [-> Identity -> b] -> conv2 (8,8,1,1) -> y."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1])]
+    if identity:
+        nodes.append(helper.make_node("Identity", ["a"], ["b"], name="identity"))
+    nodes.append(helper.make_node("Conv", ["b" if identity else "a", "w2"], ["y"], name="conv2"))
+    inits = [numpy_helper.from_array(weight((8, 4, 3, 3), 1), "w1"),
+             numpy_helper.from_array(weight((8, 8, 1, 1), 2), "w2")]
+    return ir.serde.deserialize_model(make_model(nodes, [info("x", [1, 4, 8, 8])], [info("y", [1, 8, 8, 8])], inits))
+
+
+@pytest.mark.parametrize("buffer, a_offchip", [(1 << 20, 0), (1024, 2048)])
+def test_identity_moves_nothing_and_its_reader_reads_the_source(buffer, a_offchip):
+    profile = AcceleratorProfile("p", "", 1e9, 1e9, onchip_buffer_bytes=buffer)
+    conv1, identity, conv2 = analyze(conv_identity_conv(), {}, profile).rows
+    assert (identity.op_type, identity.activation_read, identity.activation_written) == ("Identity", 0, 0)
+    assert (identity.weight_total, identity.offchip_bytes, identity.macs) == (0, 0, 0)
+    # a: 8*8*8 fp32 = 2048 B. With 1 MiB it stays on chip; with 1 KiB conv1 writes it to DRAM and
+    # conv2 reads it back from there, exactly as if conv2 read a directly.
+    assert (conv1.activation_written, conv2.activation_read) == (2048, 2048)
+    assert conv1.offchip_activation_bytes == 1024 + a_offchip  # x (4*8*8*4 B) from DRAM, a
+    assert conv2.offchip_activation_bytes == a_offchip + 2048  # a, then y to DRAM
+    without = analyze(conv_identity_conv(identity=False), {}, profile)
+    assert analyze(conv_identity_conv(), {}, profile).totals == without.totals
+
+
+def test_alias_that_is_a_graph_output_is_written_to_dram_once():
+    # x (1,8) -> Gemm (16,8) -> a (1,16) -> Reshape [4,4] -> y; both a and y are graph outputs
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["a"], name="fc", transB=1),
+             helper.make_node("Reshape", ["a", "shape"], ["y"], name="reshape")]
+    inits = [numpy_helper.from_array(weight((16, 8), 1), "w"),
+             numpy_helper.from_array(np.array([4, 4], np.int64), "shape")]
+    outputs = [info("a", [1, 16]), info("y", [4, 4])]
+    for graph_outputs in (outputs[1:], outputs):
+        model = ir.serde.deserialize_model(make_model(nodes, [info("x", [1, 8])], graph_outputs, inits))
+        fc, reshape = analyze(model, {}, PROFILE).rows
+        # a (64 B) would fit on chip, but it is (or its alias is) an output: written once
+        assert (fc.activation_written, fc.offchip_activation_bytes) == (64, 32 + 64)
+        assert (reshape.activation_read, reshape.activation_written, reshape.offchip_activation_bytes) == (0, 0, 0)
+        assert kinds(reshape) == {"other": 16}  # the shape tensor, 2 int64
+
+
+def test_graph_input_passed_to_a_graph_output_is_one_copy():
+    nodes = [helper.make_node("Identity", ["x"], ["y"], name="copy")]
+    model = make_model(nodes, [info("x", [2, 8])], [info("y", [2, 8])], [])
+    row = only_row(model)
+    assert (row.activation_read, row.activation_written, row.offchip_bytes) == (64, 64, 128)
+
+
+def test_identity_of_an_initializer_is_the_convs_dense_weight():
+    # conv_groups with its W read through Identity(w0)
+    nodes = [helper.make_node("Identity", ["w0"], ["w"], name="identity"),
+             helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=2, pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(weight((16, 8, 3, 3), 1), "w0"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "b")]
+    model = make_model(nodes, [info("x", [1, 16, 10, 10])], [info("y", [1, 16, 10, 10])], inits)
+    model = ir.serde.deserialize_model(model)
+    for weight_format, dense in (("as_stored", 4608), ("int8", 1152)):
+        identity, conv = analyze(model, {}, PROFILE, weight_format=weight_format).rows
+        assert (identity.weight_total, identity.activation_read, identity.activation_written) == (0, 0, 0)
+        assert conv.macs == 115_200 and kinds(conv) == {"dense": dense, "bias": 64}
+        assert (conv.activation_read, conv.activation_written) == (6400, 6400)
+
+
+@pytest.mark.parametrize(
+    "op, attrs, extra_inputs, alias",
+    [
+        ("Cast", {"to": TensorProto.FLOAT}, [], True),
+        ("Cast", {"to": TensorProto.FLOAT16}, [], False),
+        ("Dropout", {}, [], True),
+        ("Squeeze", {}, ["axes"], True),
+        ("Flatten", {"axis": 0}, [], True),
+        ("Relu", {}, [], False),
+    ],
+)
+def test_which_ops_alias(op, attrs, extra_inputs, alias):
+    # x (1,8) -> Gemm -> a (1,16) -> op -> b -> Relu -> y: the op's row is empty iff it aliases
+    inits = [numpy_helper.from_array(weight((16, 8), 1), "w"), numpy_helper.from_array(np.array([0], np.int64), "axes")]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["a"], name="fc", transB=1),
+             helper.make_node(op, ["a", *extra_inputs], ["b"], name="op", **attrs),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    y = helper.make_tensor_value_info("y", 0, None)
+    model = ir.serde.deserialize_model(make_model(nodes, [info("x", [1, 8])], [y], inits))
+    row = analyze(model, {}, PROFILE).rows[1]
+    expected = (0, 0) if alias else (64, 32 if op == "Cast" else 64)  # a: 16 fp32; an fp16 b: 32 B
+    assert (row.activation_read, row.activation_written) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# ConvTranspose
+
+
+def conv_transpose_macs_brute_force(x_shape, w_shape, group, strides, dilations, output_padding):
+    """Visit every output element and count the (input element, kernel tap) products summed into it.
+
+    Without pads, output position ``o`` receives input ``i`` through tap ``t`` where ``o = i * s +
+    t * d`` on every axis; output channel ``oc`` sums the ``I / group`` input channels of its group.
+    """
+    n, c_in, spatial_in = x_shape[0], x_shape[1], x_shape[2:]
+    c_out, kernel = w_shape[1] * group, w_shape[2:]
+    spatial_out = [s * (i - 1) + p + (k - 1) * d + 1
+                   for i, k, s, d, p in zip(spatial_in, kernel, strides, dilations, output_padding)]
+    macs = 0
+    for out in itertools.product(*map(range, spatial_out)):
+        for pos in itertools.product(*map(range, spatial_in)):
+            for tap in itertools.product(*map(range, kernel)):
+                if all(i * s + t * d == o for i, t, s, d, o in zip(pos, tap, strides, dilations, out)):
+                    macs += n * c_out * (c_in // group)
+    return macs, [n, c_out, *spatial_out]
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, group, strides, dilations, output_padding",
+    [
+        ((2, 4, 7), (4, 3, 3), 1, [2], [1], [0]),  # 1-D, stride 2
+        ((1, 6, 5), (6, 2, 4), 3, [3], [2], [1]),  # 1-D, 3 groups, dilation, output_padding
+        ((1, 4, 5, 4), (4, 5, 3, 3), 1, [1, 1], [1, 1], [0, 0]),  # 2-D, stride 1
+        ((2, 6, 4, 3), (6, 2, 3, 2), 3, [2, 3], [1, 2], [1, 0]),  # 2-D, groups, strides, dilations
+    ],
+)
+def test_conv_transpose_macs_equal_a_brute_force_count(x_shape, w_shape, group, strides, dilations, output_padding):
+    macs, y_shape = conv_transpose_macs_brute_force(x_shape, w_shape, group, strides, dilations, output_padding)
+    attrs = dict(group=group, strides=strides, dilations=dilations, output_padding=output_padding)
+    weights = {"w": weight(w_shape, 1), "b": np.zeros(y_shape[1], np.float32)}
+    model = single_node("ConvTranspose", ["x", "w", "b"], weights, list(x_shape), y_shape, **attrs)
+    row = only_row(model)
+    assert row.macs == macs
+    assert kinds(row) == {"dense": 4 * math.prod(w_shape), "bias": 4 * y_shape[1]}
+    # pads crop the output, not the products computed: the same MACs (module docstring)
+    cropped = [s - 2 for s in y_shape[2:]]
+    padded = single_node("ConvTranspose", ["x", "w"], {"w": weight(w_shape, 1)}, list(x_shape),
+                         y_shape[:2] + cropped, pads=[1] * (2 * len(cropped)), **attrs)
+    assert only_row(padded).macs == macs
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes computed in the graph; dims stored as -1 or 0
+
+
+def test_reshape_target_from_shape_gather_concat_gets_its_shape():
+    """x (2,3,4,5) -> Reshape to [x.shape[0], -1] -> a (2,60) -> MatMul (60,7) -> m (2,7) -> Reshape
+    to [m.shape[1] cast through int32, -1] -> y (7,2): the second target needs the first's shape,
+    and its opset-11 ``Unsqueeze`` (axes an attribute) must be evaluated at opset 11."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["sx"]),
+        helper.make_node("Gather", ["sx", "zero"], ["n"], axis=0),
+        helper.make_node("Concat", ["n", "minus_one"], ["target_a"], axis=0),
+        helper.make_node("Reshape", ["x", "target_a"], ["a"], name="flatten"),
+        helper.make_node("MatMul", ["a", "w"], ["m"], name="fc"),
+        helper.make_node("Shape", ["m"], ["sm"]),
+        helper.make_node("Cast", ["sm"], ["sm32"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["sm32", "one_scalar"], ["k32"], axis=0),
+        helper.make_node("Cast", ["k32"], ["k_scalar"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["k_scalar"], ["k"], axes=[0]),
+        helper.make_node("Concat", ["k", "minus_one"], ["target_y"], axis=0),
+        helper.make_node("Reshape", ["m", "target_y"], ["y"], name="transpose_like"),
+    ]
+    constants = {"zero": [0], "one_scalar": 1, "minus_one": [-1]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in constants.items()]
+    inits.append(numpy_helper.from_array(weight((60, 7), 1), "w"))
+    y = helper.make_tensor_value_info("y", F, None)
+    model = ir.serde.deserialize_model(make_model(nodes, [info("x", [2, 3, 4, 5])], [y], inits, opset=11))
+    rows = {r.name: r for r in analyze(model, {}, PROFILE).rows}
+    assert rows["fc"].macs == 2 * 7 * 60 and rows["fc"].activation_written == 2 * 7 * 4
+    assert rows["transpose_like"].offchip_activation_bytes == 0  # an alias of m: fc writes y
+    assert rows["fc"].offchip_activation_bytes == 2 * 60 * 4 + 2 * 7 * 4  # a is x (a graph input); y
+
+
+def test_dims_stored_as_minus_one_or_zero_are_unknown():
+    # paddle2onnx style: batch stored as -1 on the input, 0 on an intermediate's value_info
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["a"], name="fc", transB=1),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    w = numpy_helper.from_array(weight((16, 8), 1), "w")
+    model = make_model(nodes, [info("x", [-1, 8])], [info("y", [-1, 16])], [w])
+    model.graph.value_info.append(info("a", [0, 16]))
+    ir_model = ir.serde.deserialize_model(model)
+    with pytest.raises(OnnxVQError, match=r"--input x:1x8"):
+        analyze(ir_model, {}, PROFILE)
+    fc, relu = analyze(ir_model, {"x": (3, 8)}, PROFILE).rows
+    assert fc.macs == 3 * 16 * 8 and (fc.activation_written, relu.activation_written) == (3 * 16 * 4, 3 * 16 * 4)
