@@ -2,8 +2,8 @@
 
 * :func:`load_model` reads a model with its external data resolved lazily (memory-mapped on
   first use), and turns every way a file can be wrong (missing, not ONNX, truncated, external
-  data missing or short) into a one-line :class:`~onnxvq.errors.OnnxVQError`. The input file is
-  only ever opened for reading.
+  data missing or short, a graph onnxruntime would refuse: :mod:`onnxvq.model_check`) into a
+  one-line :class:`~onnxvq.errors.OnnxVQError`. The input file is only ever opened for reading.
 * :func:`save_model` writes atomically: everything goes to a temporary folder beside the
   destination and is renamed into place only once complete, so an interrupted or failed save
   leaves no half-written file. External data is used when asked, or when the tensors would not
@@ -31,6 +31,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxvq.errors import OnnxVQError
+from onnxvq.model_check import check_model
 
 __all__ = [
     "PROTOBUF_LIMIT",
@@ -69,6 +70,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         ) from None
     if not proto.HasField("graph") or proto.ir_version < 3 or not proto.opset_import:
         raise OnnxVQError(f"{path} is not an ONNX model (no graph, IR version or opset)")
+    check_model(proto, source=path)  # what onnxruntime would refuse, before minutes of work
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
