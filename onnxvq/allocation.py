@@ -14,13 +14,23 @@ scales, and the layers left dense at their own width) turn planning into an allo
 3. **Sensitivity.** The model output's relative error when layer ``l`` alone is replaced by its
    reference candidate (d = :data:`REFERENCE_D`), ``E_l(ref)``, is measured in one onnxruntime
    session whose weights are overridable inputs (on up to :data:`SENSITIVITY_SAMPLES` calibration
-   samples, else on inputs generated from the model's input specs). A layer's output error is
-   close to linear in its weight noise at these levels, so ``E_l(c) = E_l(ref) D_l(c) / D_l(ref)``.
+   samples, else on inputs generated from the model's input specs; a softmax output is measured
+   on its logits, see :mod:`onnxvq.sensitivity`). Other candidates are estimated from the
+   measured points on the log-log line of error against weight distortion: with one point
+   ``E_l(c) = E_l(ref) D_l(c) / D_l(ref)``, with more, interpolated between them and extrapolated
+   with the nearest segment's slope, never flatter than 1.
 4. **Knapsack.** Minimise ``sum_l E_l(c_l)`` subject to the bytes fitting the budget: a
    Lagrangian relaxation (each layer picks ``argmin E + lambda * bytes``; lambda bisected to the
    smallest value that fits), then a greedy pass that spends the remaining bytes on the upgrades
    with the best error saved per byte. Layers whose encodings save too little for the error they
    cost stay dense.
+5. **Refinement.** An estimate far from the reference can be badly wrong (a classifier whose
+   logits saturate its softmax, a layer feeding a sharp nonlinearity), and the knapsack seeks
+   exactly the layers whose estimates look cheapest. So the candidate chosen for each layer is
+   measured too, its point joins the layer's curve, and the knapsack runs again, for up to
+   :data:`REFINE_ROUNDS` rounds or until every chosen candidate has been measured. The whole
+   plan's error (all chosen layers replaced at once) is measured last and logged against the
+   sum of the per-layer estimates.
 
 Each chosen plan's ``rule`` says what was chosen and why, for the summary and ``inspect``.
 """
@@ -57,6 +67,7 @@ REFERENCE_D = 4
 SAMPLE_PER_CODEWORD = 32
 ESTIMATE_ITERATIONS = 8
 SENSITIVITY_SAMPLES = 4
+REFINE_ROUNDS = 4
 # Bytes a compressed layer adds to the file besides its tensors (node attributes, its share of
 # the function bodies), so that the file, not only the tensors, meets the ratio.
 NODE_OVERHEAD_BYTES = 1200
@@ -163,19 +174,26 @@ def allocate(
     data = samples.subset(min(SENSITIVITY_SAMPLES, len(samples))) if samples is not None else None
     data = data or generated_samples(model, seed=config.seed)
     sensitivity = OutputSensitivity(model, [groups[i][0] for i in free], data) if data is not None else None
-    options: list[list[Option]] = []
+    ladders: list[_Ladder] = []
     with progress_bar(total=len(free), desc="sizing layers", unit="layer", enabled=progress) as bar:
         for i in free:
-            options.append(_options(groups[i][0], plans[i], config, sensitivity))
+            ladders.append(_ladder(groups[i][0], plans[i], config, sensitivity))
             bar.update()
     try:
-        choice = solve(options, budget.nbytes)
+        choice = solve([ladder.options() for ladder in ladders], budget.nbytes)
+        for _ in range(REFINE_ROUNDS if sensitivity is not None else 0):
+            if not sum(ladder.measure(c - 1) for ladder, c in zip(ladders, choice) if c > 0):
+                break
+            choice = solve([ladder.options() for ladder in ladders], budget.nbytes)
     except ValueError:
-        smallest = fixed_bytes + sum(min(o.nbytes for o in item) for item in options)
+        smallest = fixed_bytes + sum(min(o.nbytes for o in ladder.options()) for ladder in ladders)
         raise OnnxVQError(
             f"{budget.target} cannot be met: even the smallest encodings ({smallest} bytes of weights) "
             "do not fit; lower the target, or drop explicit per-layer settings that keep layers large"
         ) from None
+    if sensitivity is not None:
+        _log_plan_error(sensitivity, ladders, choice)
+    options = [ladder.options() for ladder in ladders]
     chosen = list(plans)
     for i, item, c in zip(free, options, choice):
         chosen[i] = item[c].plan
@@ -207,8 +225,85 @@ def _stored_nbytes(plan: LayerPlan, layout: WeightLayout, *, scaled: bool | None
     return get_method(plan.method).stored_nbytes(layout, plan.params, itemsize) + (layout.rows * itemsize if scaled else 0)
 
 
-def _options(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) -> list[Option]:
-    """Dense plus the ladder, each with bytes and estimated model output error."""
+@dataclasses.dataclass
+class _Rung:
+    """One ladder candidate: its plan and bytes, and the quick encoding it was estimated from."""
+
+    plan: LayerPlan
+    nbytes: int
+    codebook: np.ndarray
+    codes: np.ndarray
+    distortion: float  # |W - W_c|^2 of the quick encoding
+
+    def matrix(self, layout: WeightLayout, rms: np.ndarray | None) -> np.ndarray:
+        decoded = self.codebook[self.codes].reshape(layout.rows, -1)[:, : layout.cols]
+        return decoded * rms[:, None] if rms is not None else decoded
+
+
+@dataclasses.dataclass
+class _Ladder:
+    """A layer's candidates and the output errors measured so far (module docstring, 2-5)."""
+
+    layer: Layer
+    dense: Option
+    rungs: list[_Rung]
+    layouts: list[WeightLayout]
+    rms: np.ndarray | None
+    signal: float  # |W|^2, for the weight-only fallback
+    sensitivity: object | None
+    measured: dict[int, float] = dataclasses.field(default_factory=dict)  # rung -> E
+
+    def weight(self, rung: int) -> np.ndarray:
+        transposed, _ = self.layer.view()
+        return _to_weight(self.rungs[rung].matrix(self.layouts[rung], self.rms), self.layer, transposed)
+
+    def measure(self, rung: int) -> bool:
+        """Measure ``rung``'s output error if not yet done; True when a new point was added."""
+        if rung in self.measured or self.sensitivity is None:
+            return False
+        error = self.sensitivity.error(self.layer, self.weight(rung))
+        if error is None or not math.isfinite(error):
+            self.sensitivity = None  # unmeasurable weight: estimates stay weight-only
+            return False
+        self.measured[rung] = error
+        return True
+
+    def errors(self) -> list[float]:
+        distortions = [r.distortion for r in self.rungs]
+        if not self.measured:
+            return [d / self.signal for d in distortions]
+        return [_interpolate(d, [(distortions[i], e) for i, e in self.measured.items()]) for d in distortions]
+
+    def options(self) -> list[Option]:
+        options = [self.dense]
+        for rung, error in zip(self.rungs, self.errors()):
+            params = rung.plan.params
+            rule = f"target: d={params.d} k={params.k} (est. output error {error:.2e})"
+            options.append(Option(rung.nbytes, error, dataclasses.replace(rung.plan, rule=rule)))
+        return options
+
+
+def _interpolate(distortion: float, points: list[tuple[float, float]]) -> float:
+    """Output error at ``distortion`` on the log-log curve through measured ``(D, E)`` points
+    (module docstring, step 3): piecewise linear between them, the nearest segment's slope (at
+    least 1) outside them, slope 1 through a single point."""
+    tiny = 1e-300
+    pts = sorted((math.log(max(d, tiny)), math.log(max(e, tiny))) for d, e in points)
+    x = math.log(max(distortion, tiny))
+    if len(pts) == 1:
+        (x0, y0), slope = pts[0], 1.0
+    else:
+        right = next((j for j in range(1, len(pts)) if x <= pts[j][0]), len(pts) - 1)
+        (x0, y0), (x1, y1) = pts[right - 1], pts[right]
+        slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 1.0
+        if not pts[0][0] <= x <= pts[-1][0]:
+            slope = max(slope, 1.0)
+            x0, y0 = pts[0] if x < pts[0][0] else pts[-1]
+    return math.exp(y0 + slope * (x - x0))
+
+
+def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) -> _Ladder:
+    """Dense plus the ladder of quick encodings, the reference rung measured."""
     dense = Option(layer.nbytes, 0.0, dataclasses.replace(plan, method=None, params=None, rule="target: dense"))
     method_name, base = config.params_for()
     weight = layer.weight_array().astype(np.float32)
@@ -217,8 +312,10 @@ def _options(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity)
     rms = np.sqrt(np.mean(np.square(matrix, dtype=np.float64), axis=1))
     rms = np.where(rms > 0, rms, 1.0)
     scaled = config.scales == "on" or (config.scales == "auto" and rms.max() / rms.min() >= AUTO_MIN_SPREAD)
+    row_rms = rms.astype(np.float32) if scaled else None
     seed = np.random.SeedSequence(config.seed, spawn_key=(zlib.crc32(layer.weight.name.encode()), 1))
-    ladder = []
+    exact = matrix.astype(np.float64)
+    rungs, layouts = [], []
     for d in LADDER_D:
         try:
             params = dataclasses.replace(base, d=d, k=LADDER_K)
@@ -229,20 +326,21 @@ def _options(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity)
         nbytes = _stored_nbytes(candidate, layout)
         if nbytes >= layer.nbytes:
             continue
-        approximation = _quick_encode(matrix, rms if scaled else None, layout, seed)
-        ladder.append((candidate, nbytes, approximation))
-    if not ladder:
-        return [dense]
-    errors = _estimated_errors(layer, matrix, ladder, sensitivity)
-    options = [dense]
-    for (candidate, nbytes, _), error in zip(ladder, errors):
-        rule = f"target: d={candidate.params.d} k={candidate.params.k} (est. output error {error:.2e})"
-        options.append(Option(nbytes, error, dataclasses.replace(candidate, rule=rule)))
-    return options
+        codebook, codes = _quick_encode(matrix, row_rms, layout, seed)
+        rung = _Rung(candidate, nbytes, codebook, codes, 0.0)
+        rung.distortion = float(np.sum((exact - rung.matrix(layout, row_rms)) ** 2))
+        rungs.append(rung)
+        layouts.append(layout)
+    signal = float(np.sum(exact**2)) or 1.0
+    ladder = _Ladder(layer, dense, rungs, layouts, row_rms, signal, sensitivity)
+    if rungs:
+        ladder.measure(min(range(len(rungs)), key=lambda i: abs(rungs[i].plan.params.d - REFERENCE_D)))
+    return ladder
 
 
-def _quick_encode(matrix: np.ndarray, rms: np.ndarray | None, layout: WeightLayout, seed) -> np.ndarray:
-    """A fast approximation of the ladder point: sampled k-means, then every subvector assigned."""
+def _quick_encode(matrix: np.ndarray, rms: np.ndarray | None, layout: WeightLayout, seed):
+    """A fast approximation of the ladder point: sampled k-means, then every subvector assigned;
+    returns (codebook, codes) of the row-normalised matrix when ``rms`` is given."""
     rows = matrix / rms[:, None] if rms is not None else matrix
     padded = np.zeros((layout.rows, layout.n_sub * layout.d), np.float32)
     padded[:, : layout.cols] = rows
@@ -254,24 +352,20 @@ def _quick_encode(matrix: np.ndarray, rms: np.ndarray | None, layout: WeightLayo
         sample = points[rng.choice(len(points), SAMPLE_PER_CODEWORD * k, replace=False)]
     codebook = kmeans(sample, k, seed=seed, max_iter=ESTIMATE_ITERATIONS).codebook
     codes, _ = assign(points, codebook)
-    decoded = codebook[codes].reshape(layout.rows, -1)[:, : layout.cols]
-    return decoded * rms[:, None] if rms is not None else decoded
+    return codebook, codes.astype(np.uint8 if k <= 256 else np.int32)
 
 
-def _estimated_errors(layer: Layer, matrix: np.ndarray, ladder, sensitivity) -> list[float]:
-    """``E_l(c) = E_l(ref) D_l(c) / D_l(ref)`` (module docstring); without a runnable model, the
-    relative weight error itself."""
-    distortions = [float(np.sum((matrix.astype(np.float64) - approx) ** 2)) for _, _, approx in ladder]
-    signal = float(np.sum(matrix.astype(np.float64) ** 2)) or 1.0
-    ref = min(range(len(ladder)), key=lambda i: abs(ladder[i][0].params.d - REFERENCE_D))
-    measured = None
-    if sensitivity is not None:
-        transposed, _ = layer.view()
-        weight = _to_weight(ladder[ref][2], layer, transposed)
-        measured = sensitivity.error(layer, weight)
-    if measured is None or not math.isfinite(measured) or distortions[ref] <= 0:
-        return [d / signal for d in distortions]
-    return [measured * d / distortions[ref] for d in distortions]
+def _log_plan_error(sensitivity, ladders: Sequence[_Ladder], choice: Sequence[int]) -> None:
+    """Measure the whole plan at once and log it against the sum of per-layer estimates."""
+    chosen = [(ladder, c - 1) for ladder, c in zip(ladders, choice) if c > 0 and ladder.sensitivity is not None]
+    if not chosen:
+        return
+    weights = {ladder.layer: ladder.weight(rung) for ladder, rung in chosen}
+    joint = sensitivity.joint_error(weights)
+    estimated = sum(ladder.errors()[rung] for ladder, rung in chosen)
+    if joint is not None:
+        logger.info("size target: estimated output error %.3g (sum over layers), measured %.3g for the plan",
+                    estimated, joint)
 
 
 def _to_weight(matrix: np.ndarray, layer: Layer, transposed: bool) -> np.ndarray:

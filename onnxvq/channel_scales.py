@@ -132,7 +132,8 @@ def trainable(method: Method, encoded: Encoded, layout: WeightLayout, params: Me
 
 def _row_rms(matrix: np.ndarray) -> np.ndarray:
     rms = np.sqrt(np.mean(np.square(matrix, dtype=np.float64), axis=1))
-    return np.where(rms > 0, rms, 1.0).astype(np.float32)
+    # a row too small for float32 (1e-40) would divide by zero: it is scaled as the tiniest one
+    return np.maximum(np.where(rms > 0, rms, 1.0), np.finfo(np.float32).tiny).astype(np.float32)
 
 
 def _spread(rms: np.ndarray) -> float:

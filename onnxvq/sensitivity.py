@@ -2,8 +2,15 @@
 
 :class:`OutputSensitivity` keeps one onnxruntime session of the model in which the weights of
 interest are graph inputs with their initializers as defaults (ONNX lets a feed override such an
-initializer), so measuring a layer costs one run per sample, not a new session: the relative
-output error ``sum |y - y'|^2 / sum |y|^2`` over every float output of every sample.
+initializer), so measuring a layer costs one run per sample, not a new session.
+
+The error is ``sum |y - y'|^2 / sum |y|^2`` over every float output of every sample, plus, for
+each output computed by ``Softmax``/``LogSoftmax``, the mean over its rows and samples of the
+divergence ``KL(p || p')`` of the class distributions, computed from the op's input (the logits).
+A squared error of probabilities misses what breaks a classifier with many classes: noise on
+thousands of logits lifts some wrong class above the right one, and saturated probabilities
+barely move until they flip. The divergence sees the probability mass that leaves the reference
+distribution and, like the squared error, grows linearly with small weight noise.
 
 Weights held in ``Constant`` nodes are lifted to initializers in the session's copy first;
 weights inside If/Loop/Scan bodies cannot be fed and are reported as unmeasurable (None).
@@ -11,9 +18,10 @@ weights inside If/Loop/Scan bodies cannot be fed and are reported as unmeasurabl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +52,11 @@ class OutputSensitivity:
                 graph.remove(node, safe=False)
                 value.const_value = tensor
                 graph.register_initializer(value)
+        opset = copy.opset_imports.get("", 13)
+        self.outputs = [_measured(value, opset) for value in graph.outputs]
+        for output in self.outputs:
+            if output.value not in graph.outputs:
+                graph.outputs.append(output.value)
         graph_inputs = {v.name for v in graph.inputs}
         self.overridable = set()
         for name in sorted(names):
@@ -63,22 +76,74 @@ class OutputSensitivity:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = [output.value.name for output in self.outputs]
         self.feeds = [dict(sample) for sample in samples.samples]
         self.reference = [self.session.run(self.output_names, feed) for feed in self.feeds]
-        self.signal = sum(_energy(out) for outs in self.reference for out in outs)
+        self.signal = sum(
+            _energy(out) for outs in self.reference for out, output in zip(outs, self.outputs) if output.axis is None
+        )
 
     def error(self, layer: Layer, weight: np.ndarray) -> float | None:
-        """Relative output error with ``layer``'s weight replaced by ``weight`` (None when it
-        cannot be fed, or the model's outputs are all zero)."""
-        name = layer.weight.name
-        if name not in self.overridable or self.signal <= 0:
+        """Output error (module docstring) with ``layer``'s weight replaced by ``weight`` (None
+        when it cannot be fed, or the model's outputs are all zero)."""
+        return self.joint_error({layer: weight})
+
+    def joint_error(self, weights: Mapping[Layer, np.ndarray]) -> float | None:
+        """Output error with every layer's weight in ``weights`` replaced at once."""
+        names = {layer.weight.name: weight for layer, weight in weights.items()}
+        classes = any(output.axis is not None for output in self.outputs)
+        if not names or not set(names) <= self.overridable or (self.signal <= 0 and not classes):
             return None
-        noise = 0.0
+        noise = divergence = 0.0
         for feed, reference in zip(self.feeds, self.reference):
-            outputs = self.session.run(self.output_names, {**feed, name: weight})
-            noise += sum(_energy(out, ref) for out, ref in zip(outputs, reference))
-        return noise / self.signal
+            outputs = self.session.run(self.output_names, {**feed, **names})
+            for output, out, ref in zip(self.outputs, outputs, reference):
+                if output.axis is None:
+                    noise += _energy(out, ref)
+                else:
+                    divergence += _mean_kl(ref, out, output.axis, output.flatten)
+        return (noise / self.signal if self.signal > 0 else 0.0) + divergence / len(self.feeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Output:
+    """A measured value: a graph output, or the logits of a softmax output (``axis`` set;
+    ``flatten``: opset < 13 semantics, the classes are every axis from ``axis`` on)."""
+
+    value: ir.Value
+    axis: int | None = None
+    flatten: bool = False
+
+
+def _measured(value: ir.Value, opset: int) -> _Output:
+    producer = value.producer()
+    if producer is None or producer.domain != "" or producer.op_type not in ("Softmax", "LogSoftmax"):
+        return _Output(value)
+    logits = producer.inputs[0]
+    if logits is None or not logits.name or (logits.dtype is not None and not logits.dtype.is_floating_point()):
+        return _Output(value)
+    default = -1 if opset >= 13 else 1
+    axis = producer.attributes["axis"].as_int() if "axis" in producer.attributes else default
+    return _Output(logits, axis, opset < 13)
+
+
+def _mean_kl(reference: np.ndarray, logits: np.ndarray, axis: int, flatten: bool) -> float:
+    """Mean over rows of ``KL(softmax(reference) || softmax(logits))`` along the class axis."""
+    ref = reference.astype(np.float64)
+    new = logits.astype(np.float64)
+    if flatten:
+        axis = axis % max(ref.ndim, 1)
+        rows = int(np.prod(ref.shape[:axis]))
+        ref, new, axis = ref.reshape(rows, -1), new.reshape(rows, -1), -1
+    log_p = ref - _logsumexp(ref, axis)
+    log_q = new - _logsumexp(new, axis)
+    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=axis)
+    return float(np.mean(kl)) if kl.size else 0.0
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    top = np.max(x, axis=axis, keepdims=True)
+    return top + np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True))
 
 
 def _energy(array: np.ndarray, reference: np.ndarray | None = None) -> float:

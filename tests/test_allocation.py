@@ -13,7 +13,7 @@ import pytest
 
 import onnxvq
 from models import mlp, rng, run_ort
-from onnxvq.allocation import Option, solve
+from onnxvq.allocation import Option, _interpolate, solve
 from onnxvq.config import LayerPlan
 
 PLAN = LayerPlan("layer", None, None, "float16", "test")
@@ -147,3 +147,59 @@ def test_cli_target_and_fixed_settings_conflict(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "in.onnx").stat().st_size / (tmp_path / "out.onnx").stat().st_size >= 8
+
+
+def test_interpolate_through_measured_points():
+    """One point: error proportional to distortion; two: the log-log line through them, and
+    beyond them the nearest segment's slope, never flatter than 1."""
+    assert _interpolate(4.0, [(2.0, 1e-3)]) == pytest.approx(2e-3)
+    points = [(1.0, 1e-4), (8.0, 1e-1)]  # slope log(1000)/log(8) ~ 3.3 between them
+    assert _interpolate(2.0, points) == pytest.approx(1e-4 * 2 ** (3 / np.log10(8)))
+    assert _interpolate(16.0, points) == pytest.approx(1e-1 * 2 ** (3 / np.log10(8)))
+    flat = [(1.0, 1e-3), (8.0, 2e-3)]  # flatter than 1 between them: extrapolated at slope 1
+    assert _interpolate(16.0, flat) == pytest.approx(4e-3)
+    assert _interpolate(0.5, flat) == pytest.approx(5e-4)
+
+
+def softmax_mlp():
+    model = mlp(sizes=(16, 32, 40), seed=5)
+    model.graph.node[-1].output[0] = "logits"
+    model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], ["y"], axis=-1))
+    return model
+
+
+def test_sensitivity_of_a_softmax_output_is_the_kl_of_its_logits():
+    """The measured error of a classifier output is the mean KL divergence of its class
+    distributions, computed from the logits, not the squared error of the probabilities."""
+    import onnx_ir as ir
+
+    from onnxvq.calibration import load_calibration
+    from onnxvq.candidates import find_layers
+    from onnxvq.sensitivity import OutputSensitivity
+
+    proto = softmax_mlp()
+    model = ir.serde.deserialize_model(proto)
+    layers, _ = find_layers(model)
+    feeds = [{"x": rng(i).standard_normal((3, 16)).astype(np.float32)} for i in range(2)]
+    sensitivity = OutputSensitivity(model, layers, load_calibration(feeds, model))
+    first = layers[0]
+    noisy = first.weight_array() + 0.3 * rng(9).standard_normal(first.weight_shape).astype(np.float32)
+
+    logits = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)
+    proto.graph.output.append(logits)
+    kls = []
+    for feed in feeds:
+        reference = run_ort(proto, feed)[1].astype(np.float64)
+        changed = onnx.ModelProto()
+        changed.CopyFrom(proto)
+        for init in changed.graph.initializer:
+            if init.name == first.weight.name:
+                init.CopyFrom(onnx.numpy_helper.from_array(noisy, init.name))
+        perturbed = run_ort(changed, feed)[1].astype(np.float64)
+        log_p = reference - np.log(np.sum(np.exp(reference), axis=1, keepdims=True))
+        log_q = perturbed - np.log(np.sum(np.exp(perturbed), axis=1, keepdims=True))
+        kls.append(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+    assert sensitivity.error(first, noisy) == pytest.approx(np.mean(kls), rel=1e-4)
+    assert sensitivity.error(first, first.weight_array()) == pytest.approx(0.0, abs=1e-12)
+    both = {layer: layer.weight_array() * 1.01 for layer in layers}
+    assert sensitivity.joint_error(both) > max(sensitivity.error(l, w) for l, w in both.items())
