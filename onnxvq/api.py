@@ -28,6 +28,7 @@ from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
 from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
 from onnxvq.methods import Encoded, get_method
+from onnxvq.model_check import check_model
 from onnxvq.model_io import SOURCE_FILES, all_tensors, load_model, save_model
 from onnxvq.layout import WeightLayout
 from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
@@ -56,6 +57,10 @@ class CompressResult:
     summary: Summary
 
     def to_proto(self) -> onnx.ModelProto:
+        """The model as one self-contained proto: tensors still in the input's external data
+        are read into memory first (their references are relative to the input's folder, so a
+        proto that kept them would not run anywhere else)."""
+        ir.external_data.load_to_model(self.model)
         return ir.serde.serialize_model(self.model)
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> list[str]:
@@ -220,6 +225,7 @@ def _as_ir_model(model: ModelLike) -> ir.Model:
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
     if isinstance(model, onnx.ModelProto):
+        check_model(model, source="the model")
         return ir.serde.deserialize_model(model)  # a new object graph; the proto is only read
     if isinstance(model, ir.Model):
         # A structural copy sharing the (never mutated) tensors: external tensors keep their

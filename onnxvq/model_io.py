@@ -214,7 +214,8 @@ def save_model(
             ir.external_data.load_to_model(model)
             ir.save(model, tmp_model)
         tmp_data = os.path.join(tmp_dir, data_name)
-        has_data = external_data and os.path.exists(tmp_data)
+        # every tensor under onnx-ir's size threshold stays inline: no empty .data beside the model
+        has_data = external_data and os.path.exists(tmp_data) and os.path.getsize(tmp_data) > 0
         if before_commit is not None:
             before_commit([tmp_model] + ([tmp_data] if has_data else []))
         written = []

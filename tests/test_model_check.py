@@ -230,3 +230,13 @@ def test_external_data_is_not_read(tmp_path):
     check_model(onnx.load(path, load_external_data=False))
     with pytest.raises(OnnxVQError, match="external data file 'm.onnx.data'"):
         load_model(path)
+
+
+def test_a_proto_given_to_the_api_is_checked_too():
+    """compress(ModelProto) refuses what compress(path) refuses, with the same message."""
+    import onnxvq
+
+    model = mlp((32, 16, 4))
+    model.graph.node[2].name = model.graph.node[0].name  # two nodes with one name
+    with pytest.raises(onnxvq.OnnxVQError, match="onnxruntime cannot run it either"):
+        onnxvq.compress(model, method="pq", k=16, d=4, min_size=0)

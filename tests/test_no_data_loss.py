@@ -250,3 +250,35 @@ def test_sigterm_leaves_no_temporary_files(tmp_path):
 def _saved(path) -> str:
     onnx.save(mlp(), path)
     return path
+
+
+def test_proto_of_a_model_read_with_external_data_is_self_contained(tmp_path, monkeypatch):
+    """to_proto() keeps no reference to the input's .data file: it runs from any folder."""
+    import onnxruntime as ort
+
+    import onnxvq as api
+
+    source = tmp_path / "in"
+    source.mkdir()
+    model = mlp((64, 48, 10))
+    onnx.save(model, source / "a.onnx", save_as_external_data=True, location="a.onnx.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # the second layer (480 weights) stays dense, so its tensor is still the input's external data
+    proto = api.compress(str(source / "a.onnx"), method="pq", k=16, d=4, min_size=1000).to_proto()
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer)
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": x})[0].shape == (2, 10)
+
+
+def test_external_data_save_writes_no_empty_data_file(tmp_path):
+    """Every tensor small enough to stay inline: no 0-byte .data file, none listed as written."""
+    import onnxvq as api
+
+    written = api.compress(mlp((16, 16, 4)), method="pq", k=16, d=4, min_size=0).save(
+        tmp_path / "small.onnx", external_data=True
+    )
+    assert written == [str(tmp_path / "small.onnx")]
+    assert sorted(os.listdir(tmp_path)) == ["small.onnx"]
