@@ -137,7 +137,7 @@ def _row_rms(matrix: np.ndarray) -> np.ndarray:
 
 
 def _spread(rms: np.ndarray) -> float:
-    return float(rms.max() / rms.min())
+    return float(rms.max()) / float(rms.min())  # in float64: a float32 quotient can overflow
 
 
 def _row_energy(matrix: np.ndarray, hessian: np.ndarray | None) -> np.ndarray:

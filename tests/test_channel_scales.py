@@ -100,6 +100,24 @@ def test_zero_rows_stay_zero():
     np.testing.assert_array_equal(decoded[[3, 17]], 0)
 
 
+def test_rows_below_float32s_normal_range_raise_no_warning():
+    """A row of float32 denormals (1e-41, as dead channels of real detectors have) beside
+    ordinary rows: the spread is computed without overflow and the other rows stay accurate."""
+    weight = spread_rows()
+    others = np.delete(np.arange(len(weight)), 5)
+
+    def sqnr(decoded):
+        return 10 * np.log10(np.sum(weight[others] ** 2) / np.sum((weight[others] - decoded[others]) ** 2))
+
+    without = sqnr(encode(weight, "auto")[1])
+    weight[5] = 1e-41
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, decoded = encode(weight, "auto")
+    assert sqnr(decoded) > without - 0.1
+    assert np.all(np.abs(decoded[5]) < 1e-30)
+
+
 @pytest.mark.parametrize("method,k,d", [("pq", 64, 2), ("lr2vq", 64, 2), ("ssvq", 16, 2)])
 def test_every_method_writes_scales_that_every_runtime_decodes(method, k, d):
     model = cnn()
