@@ -104,6 +104,7 @@ def test_rows_below_float32s_normal_range_raise_no_warning():
     """A row of float32 denormals (1e-41, as dead channels of real detectors have) beside
     ordinary rows: the spread is computed without overflow and the other rows stay accurate."""
     weight = spread_rows()
+    weight[7] *= 1000  # max / smallest normal float32 then overflows float32
     others = np.delete(np.arange(len(weight)), 5)
 
     def sqnr(decoded):
