@@ -5,14 +5,16 @@
 scales, and the layers left dense at their own width) turn planning into an allocation:
 
 1. **Ladder.** Every layer that no explicit setting fixes gets candidates: dense, and the
-   configured method at k = 256 (capped by its subvectors) with d in :data:`LADDER_D`, with
+   configured method at each (k, d) of :data:`LADDER` (k capped by the subvectors: k = 256 with
+   d from 1 to 16, and k = 16, whose 16-entry codebooks cost almost nothing, for small layers and
+   the highest ratios), with
    per-channel scales where ``scales`` allows them (``auto``: where the rows' RMS spread reaches
    ``channel_scales.AUTO_MIN_SPREAD``). Candidates that store no fewer bytes than dense are dropped.
 2. **Distortion.** Each candidate is encoded quickly (k-means of at most :data:`SAMPLE_PER_CODEWORD`
    subvectors per codeword for :data:`ESTIMATE_ITERATIONS` iterations, then every subvector
    assigned), giving its weight error ``D_l(c) = |W - W_c|^2``.
 3. **Sensitivity.** The model output's relative error when layer ``l`` alone is replaced by its
-   reference candidate (d = :data:`REFERENCE_D`), ``E_l(ref)``, is measured in one onnxruntime
+   reference candidate (k = 256, d = :data:`REFERENCE_D`), ``E_l(ref)``, is measured in one onnxruntime
    session whose weights are overridable inputs (on up to :data:`SENSITIVITY_SAMPLES` calibration
    samples, else on inputs generated from the model's input specs; a softmax output is measured
    on its logits, see :mod:`onnxvq.sensitivity`). Other candidates are estimated from the
@@ -57,24 +59,24 @@ from onnxvq.methods import get_method
 from onnxvq.packing import CODEBOOK_DTYPES
 from onnxvq.progress import progress as progress_bar
 
-__all__ = ["LADDER_D", "Budget", "Option", "allocate", "solve"]
+__all__ = ["LADDER", "Budget", "Option", "allocate", "solve"]
 
 logger = logging.getLogger(__name__)
 
-LADDER_D = (1, 2, 3, 4, 6, 8, 12, 16)
-LADDER_K = 256
+# (k, d) candidates: 8/d bits per weight at k = 256, 4/d at k = 16
+LADDER = tuple((256, d) for d in (1, 2, 3, 4, 6, 8, 12, 16)) + tuple((16, d) for d in (1, 2, 4, 8, 16))
 REFERENCE_D = 4
 SAMPLE_PER_CODEWORD = 32
 ESTIMATE_ITERATIONS = 8
 SENSITIVITY_SAMPLES = 4
 REFINE_ROUNDS = 4
 # Bytes the compressed file holds besides the tensors, so that the file, not only the tensors,
-# meets the ratio: per compressed layer its node and its share of the provenance record (about
-# 500 measured on PP-OCRv6's detector), and per op variant a function body (about 800-1,400);
-# the variants are a few whatever the model's size.
+# meets the ratio: per compressed layer its node, its share of the provenance record and its
+# tensors' framing (about 500 measured on PP-OCRv6's detector), and per op variant a function
+# body (1,000-1,800 measured); the variants are a few whatever the model's size.
 NODE_OVERHEAD_BYTES = 600
-FUNCTION_OVERHEAD_BYTES = 1500
-MAX_VARIANTS = 8
+FUNCTION_OVERHEAD_BYTES = 2000
+MAX_VARIANTS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +195,9 @@ def allocate(
         smallest = fixed_bytes + sum(min(o.nbytes for o in ladder.options()) for ladder in ladders)
         raise OnnxVQError(
             f"{budget.target} cannot be met: even the smallest encodings ({smallest} bytes of weights) "
-            "do not fit; lower the target, or drop explicit per-layer settings that keep layers large"
+            f"do not fit in the {max(budget.nbytes + fixed_bytes, 0):.0f} bytes left once the rest of the model "
+            "and the compressed ops' own bytes are counted; lower the target, or drop explicit per-layer "
+            "settings that keep layers large"
         ) from None
     if sensitivity is not None:
         _log_plan_error(sensitivity, ladders, choice)
@@ -321,9 +325,9 @@ def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) 
     seed = np.random.SeedSequence(config.seed, spawn_key=(zlib.crc32(layer.weight.name.encode()), 1))
     exact = matrix.astype(np.float64)
     rungs, layouts = [], []
-    for d in LADDER_D:
+    for k, d in LADDER:
         try:
-            params = dataclasses.replace(base, d=d, k=LADDER_K)
+            params = dataclasses.replace(base, d=d, k=k)
         except ValueError:
             continue
         layout = WeightLayout(layer.weight_shape, transposed, row_axes, d)
@@ -331,7 +335,7 @@ def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) 
         nbytes = _stored_nbytes(candidate, layout)
         if nbytes >= layer.nbytes:
             continue
-        codebook, codes = _quick_encode(matrix, row_rms, layout, seed)
+        codebook, codes = _quick_encode(matrix, row_rms, layout, params.k, seed)
         rung = _Rung(candidate, nbytes, codebook, codes, 0.0)
         rung.distortion = float(np.sum((exact - rung.matrix(layout, row_rms)) ** 2))
         rungs.append(rung)
@@ -339,18 +343,19 @@ def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) 
     signal = float(np.sum(exact**2)) or 1.0
     ladder = _Ladder(layer, dense, rungs, layouts, row_rms, signal, sensitivity)
     if rungs:
-        ladder.measure(min(range(len(rungs)), key=lambda i: abs(rungs[i].plan.params.d - REFERENCE_D)))
+        reference = min(range(len(rungs)), key=lambda i: (rungs[i].plan.params.k < 256, abs(rungs[i].plan.params.d - REFERENCE_D)))
+        ladder.measure(reference)
     return ladder
 
 
-def _quick_encode(matrix: np.ndarray, rms: np.ndarray | None, layout: WeightLayout, seed):
+def _quick_encode(matrix: np.ndarray, rms: np.ndarray | None, layout: WeightLayout, k: int, seed):
     """A fast approximation of the ladder point: sampled k-means, then every subvector assigned;
     returns (codebook, codes) of the row-normalised matrix when ``rms`` is given."""
     rows = matrix / rms[:, None] if rms is not None else matrix
     padded = np.zeros((layout.rows, layout.n_sub * layout.d), np.float32)
     padded[:, : layout.cols] = rows
     points = padded.reshape(-1, layout.d)
-    k = min(LADDER_K, len(points))
+    k = min(k, len(points))
     rng = np.random.default_rng(seed)
     sample = points
     if len(points) > SAMPLE_PER_CODEWORD * k:

@@ -77,8 +77,10 @@ def file_bytes(result, path) -> int:
     return sum(p.stat().st_size for p in map(type(path), result.save(path)))
 
 
-@pytest.mark.parametrize("ratio", [6, 12])
+@pytest.mark.parametrize("ratio", [6, 12, 40])
 def test_target_ratio_is_met_by_the_file(tmp_path, ratio):
+    """Met by the file as written, overhead included; 40x needs the 16-entry codebooks (k = 256
+    tables alone would take a third of the budget)."""
     model = big_mlp()
     onnx.save(model, tmp_path / "in.onnx")
     result = onnxvq.compress(str(tmp_path / "in.onnx"), target_ratio=ratio)
