@@ -5,15 +5,14 @@ interest are graph inputs with their initializers as defaults (ONNX lets a feed 
 initializer), so measuring a layer costs one run per sample, not a new session.
 
 The error is ``sum |y - y'|^2 / sum |y|^2`` over every float output of every sample, plus, for
-each output computed by ``Softmax``/``LogSoftmax``, the mean over its rows and samples of the
-divergence ``KL(p || p')`` of the class distributions, computed from the op's input (the logits).
-A squared error of probabilities misses what breaks a classifier with many classes: noise on
-thousands of logits lifts some wrong class above the right one, and saturated probabilities
-barely move until they flip. The divergence sees the probability mass that leaves the reference
-distribution and, like the squared error, grows linearly with small weight noise.
-
-Weights held in ``Constant`` nodes are lifted to initializers in the session's copy first;
-weights inside If/Loop/Scan bodies cannot be fed and are reported as unmeasurable (None).
+each output computed by ``Softmax``/``LogSoftmax`` (or ``Sigmoid``), the mean over its rows (or
+elements) and samples of the divergence ``KL(p || p')`` of the class (or Bernoulli)
+distributions, computed from the op's input (the logits); an ``Identity`` after the op is looked
+through. A squared error of probabilities misses what breaks a classifier with many classes:
+noise on thousands of logits lifts some wrong class above the right one, and saturated
+probabilities barely move until they flip; and a detector's probability map is near zero almost
+everywhere, so its squared error is the noise of a few pixels. The divergence sees the
+probability mass that moves and, like the squared error, grows linearly with small weight noise.
 """
 
 from __future__ import annotations
@@ -108,29 +107,44 @@ class OutputSensitivity:
 @dataclasses.dataclass(frozen=True)
 class _Output:
     """A measured value: a graph output, or the logits of a softmax output (``axis`` set;
-    ``flatten``: opset < 13 semantics, the classes are every axis from ``axis`` on)."""
+    ``flatten``: opset < 13 semantics, the classes are every axis from ``axis`` on) or of a
+    sigmoid output (``axis`` is :data:`_ELEMENTWISE`)."""
 
     value: ir.Value
-    axis: int | None = None
+    axis: int | str | None = None
     flatten: bool = False
+
+
+_ELEMENTWISE = "elementwise"
 
 
 def _measured(value: ir.Value, opset: int) -> _Output:
     producer = value.producer()
-    if producer is None or producer.domain != "" or producer.op_type not in ("Softmax", "LogSoftmax"):
+    while producer is not None and producer.domain == "" and producer.op_type == "Identity":
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    if producer is None or producer.domain != "" or producer.op_type not in ("Softmax", "LogSoftmax", "Sigmoid"):
         return _Output(value)
     logits = producer.inputs[0]
     if logits is None or not logits.name or (logits.dtype is not None and not logits.dtype.is_floating_point()):
         return _Output(value)
+    if producer.op_type == "Sigmoid":
+        return _Output(logits, _ELEMENTWISE)
     default = -1 if opset >= 13 else 1
     axis = producer.attributes["axis"].as_int() if "axis" in producer.attributes else default
     return _Output(logits, axis, opset < 13)
 
 
-def _mean_kl(reference: np.ndarray, logits: np.ndarray, axis: int, flatten: bool) -> float:
-    """Mean over rows of ``KL(softmax(reference) || softmax(logits))`` along the class axis."""
+def _mean_kl(reference: np.ndarray, logits: np.ndarray, axis, flatten: bool) -> float:
+    """Mean over rows of ``KL(softmax(reference) || softmax(logits))`` along the class axis, or
+    with ``axis`` :data:`_ELEMENTWISE` over elements of the Bernoulli divergence of
+    ``sigmoid(reference)`` from ``sigmoid(logits)``."""
     ref = reference.astype(np.float64)
     new = logits.astype(np.float64)
+    if axis == _ELEMENTWISE:
+        # log sigmoid(x) = -softplus(-x), log(1 - sigmoid(x)) = -softplus(x)
+        p = np.exp(-np.logaddexp(0, -ref))  # sigmoid, without overflow
+        kl = p * (np.logaddexp(0, -new) - np.logaddexp(0, -ref)) + (1 - p) * (np.logaddexp(0, new) - np.logaddexp(0, ref))
+        return float(np.mean(kl)) if kl.size else 0.0
     if flatten:
         axis = axis % max(ref.ndim, 1)
         rows = int(np.prod(ref.shape[:axis]))

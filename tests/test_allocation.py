@@ -163,23 +163,35 @@ def test_interpolate_through_measured_points():
     assert _interpolate(0.5, flat) == pytest.approx(5e-4)
 
 
-def softmax_mlp():
+def head_mlp(op):
+    """An MLP whose logits go through ``op`` and then an Identity to the output."""
     model = mlp(sizes=(16, 32, 40), seed=5)
     model.graph.node[-1].output[0] = "logits"
-    model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], ["y"], axis=-1))
+    attributes = {"axis": -1} if op == "Softmax" else {}
+    model.graph.node.append(onnx.helper.make_node(op, ["logits"], ["probabilities"], **attributes))
+    model.graph.node.append(onnx.helper.make_node("Identity", ["probabilities"], ["y"]))
     return model
 
 
-def test_sensitivity_of_a_softmax_output_is_the_kl_of_its_logits():
+def log_probabilities(logits, op):
+    """(log p, log(1 - p)) per class for Sigmoid; (log p, None) for Softmax."""
+    if op == "Sigmoid":
+        return -np.logaddexp(0, -logits), -np.logaddexp(0, logits)
+    return logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True)), None
+
+
+@pytest.mark.parametrize("op", ["Softmax", "Sigmoid"])
+def test_sensitivity_of_a_probability_output_is_the_kl_of_its_logits(op):
     """The measured error of a classifier output is the mean KL divergence of its class
-    distributions, computed from the logits, not the squared error of the probabilities."""
+    (Softmax) or Bernoulli (Sigmoid, per element) distributions, computed from the logits, not
+    the squared error of the probabilities; an Identity after the op is looked through."""
     import onnx_ir as ir
 
     from onnxvq.calibration import load_calibration
     from onnxvq.candidates import find_layers
     from onnxvq.sensitivity import OutputSensitivity
 
-    proto = softmax_mlp()
+    proto = head_mlp(op)
     model = ir.serde.deserialize_model(proto)
     layers, _ = find_layers(model)
     feeds = [{"x": rng(i).standard_normal((3, 16)).astype(np.float32)} for i in range(2)]
@@ -198,9 +210,11 @@ def test_sensitivity_of_a_softmax_output_is_the_kl_of_its_logits():
             if init.name == first.weight.name:
                 init.CopyFrom(onnx.numpy_helper.from_array(noisy, init.name))
         perturbed = run_ort(changed, feed)[1].astype(np.float64)
-        log_p = reference - np.log(np.sum(np.exp(reference), axis=1, keepdims=True))
-        log_q = perturbed - np.log(np.sum(np.exp(perturbed), axis=1, keepdims=True))
-        kls.append(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+        (log_p, log_not_p), (log_q, log_not_q) = log_probabilities(reference, op), log_probabilities(perturbed, op)
+        if op == "Sigmoid":
+            kls.append(np.mean(np.exp(log_p) * (log_p - log_q) + np.exp(log_not_p) * (log_not_p - log_not_q)))
+        else:
+            kls.append(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
     assert sensitivity.error(first, noisy) == pytest.approx(np.mean(kls), rel=1e-4)
     assert sensitivity.error(first, first.weight_array()) == pytest.approx(0.0, abs=1e-12)
     both = {layer: layer.weight_array() * 1.01 for layer in layers}
