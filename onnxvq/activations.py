@@ -41,6 +41,9 @@ from onnxvq.candidates import Layer
 __all__ = ["FULL_MOMENT_COLS", "LayerInputs", "capturable", "capture_inputs", "run_model"]
 
 FULL_MOMENT_COLS = 8192
+# Input bytes per capture batch: a batch of 32 images of 640x640 multiplies every activation of a
+# detector by 32, and onnxruntime's arena keeps the largest (3 GiB RSS on PP-OCRv6's detector).
+CAPTURE_BATCH_BYTES = 16 << 20
 
 
 @dataclasses.dataclass
@@ -48,14 +51,15 @@ class LayerInputs:
     """What one weight saw on the calibration data (summed over the layers sharing it).
 
     Attributes:
-        hessian: ``H = E[x_q x_q']`` (cols, cols) float64, or its diagonal (cols,).
+        hessian: ``H = E[x_q x_q']`` (cols, cols) float64, or its diagonal (cols,); None when
+            captured without moments.
         cross: ``G = E[x_q x_o']``, same form; None when captured from the original model alone.
         inputs: sampled ``x_q`` (n, groups, cols) float32.
         reference_inputs: ``x_o`` at the same positions; None when equal to ``inputs``.
         count: vectors the moments average over.
     """
 
-    hessian: np.ndarray
+    hessian: np.ndarray | None
     cross: np.ndarray | None
     inputs: np.ndarray
     reference_inputs: np.ndarray | None
@@ -82,12 +86,15 @@ def capture_inputs(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
+    moments: bool = True,
 ) -> dict[str, LayerInputs]:
     """Moments and sampled inputs of ``layers``' weights, keyed by weight name.
 
     With ``quantized`` (weight name -> dense decoded weight), ``x_q`` comes from the model with
     those weights swapped in and ``cross``/``reference_inputs`` pair it with the original's
-    ``x_o``; without, only the original runs.
+    ``x_o``; without, only the original runs. ``moments=False`` keeps only the sampled inputs
+    (``hessian`` and ``cross`` None), for layer-wise training, which needs nothing else.
+    Batches hold at most :data:`CAPTURE_BATCH_BYTES` of inputs.
     """
     from onnxvq.progress import progress as progress_bar
 
@@ -97,10 +104,10 @@ def capture_inputs(
     taps = _tap_names(layers)
     original = _TapSession(model, taps, None, taps_only=True)
     swapped = _TapSession(model, taps, quantized, taps_only=True) if quantized else None
-    batches = list(calib.batches(batch_size))
+    batches = list(calib.batches(batch_size, max_bytes=CAPTURE_BATCH_BYTES))
     keep_per_batch = max(1, -(-max_rows // len(batches)))
     rng = np.random.default_rng(seed)
-    accumulators = {l.weight.name: _Accumulator(paired=swapped is not None) for l in layers}
+    accumulators = {l.weight.name: _Accumulator(paired=swapped is not None, moments=moments) for l in layers}
     consumers = {
         l.name: (ops.op_for_consumer(l.op_type), {n: a.value for n, a in l.consumer_attributes.items()})
         for l in layers
@@ -137,8 +144,9 @@ def run_model(model: ir.Model, calib: CalibrationSet, *, quantized: Mapping[str,
 class _Accumulator:
     """Running sums of ``x_q x_q'`` (and ``x_q x_o'``) and a bounded sample of the vectors."""
 
-    def __init__(self, paired: bool):
+    def __init__(self, paired: bool, moments: bool = True):
         self.paired = paired
+        self.moments = moments
         self.h = self.g = None
         self.count = 0
         self.kept_q: list[np.ndarray] = []
@@ -148,15 +156,18 @@ class _Accumulator:
         n, groups, cols = x_q.shape
         q = np.ascontiguousarray(x_q, np.float32).reshape(n * groups, cols)
         o = np.ascontiguousarray(x_o, np.float32).reshape(n * groups, cols) if self.paired else q
-        if cols > FULL_MOMENT_COLS:
+        if not self.moments:
+            h = g = None
+        elif cols > FULL_MOMENT_COLS:
             h = np.einsum("ij,ij->j", q, q, dtype=np.float64)
             g = np.einsum("ij,ij->j", q, o, dtype=np.float64) if self.paired else None
         else:  # float32 GEMM (fast), accumulated in float64 across batches
             h = (q.T @ q).astype(np.float64)
             g = (q.T @ o).astype(np.float64) if self.paired else None
-        self.h = h if self.h is None else self.h + h
-        if self.paired:
-            self.g = g if self.g is None else self.g + g
+        if self.moments:
+            self.h = h if self.h is None else self.h + h
+            if self.paired:
+                self.g = g if self.g is None else self.g + g
         self.count += n * groups
         # Groups of one position count as separate vectors for the moments; the kept rows stay
         # whole positions, since a grouped layer's outputs read all of a position's groups.
@@ -168,8 +179,8 @@ class _Accumulator:
         inputs = np.concatenate(self.kept_q)[:max_rows]
         reference = np.concatenate(self.kept_o)[:max_rows] if self.paired else None
         return LayerInputs(
-            hessian=self.h / self.count,
-            cross=self.g / self.count if self.paired else None,
+            hessian=self.h / self.count if self.moments else None,
+            cross=self.g / self.count if self.paired and self.moments else None,
             inputs=inputs,
             reference_inputs=reference,
             count=self.count,

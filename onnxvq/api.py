@@ -134,9 +134,12 @@ def compress(
     train, held = calib_set.split(tuning.holdout) if calib_set else (None, None)
     inputs = {}
     if calib_set is not None:
+        # Encoding needs only the moments; layer-wise training captures its own rows (from the
+        # model as it then stands), so none are kept here (on PP-OCRv6's detector they were
+        # about a gigabyte).
         inputs = capture_inputs(
             model, [l for g, _ in to_encode for l in g], train,
-            max_rows=tuning.max_rows, batch_size=tuning.batch_size, seed=config.seed, progress=progress,
+            max_rows=0, batch_size=tuning.batch_size, seed=config.seed, progress=progress,
         )
     jobs: dict[int, WeightJob] = {}
     with progress_bar(total=len(to_encode), desc="encoding", unit="weight", enabled=progress) as bar:

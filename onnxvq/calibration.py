@@ -81,9 +81,10 @@ class CalibrationSet:
         """The first ``n`` samples (all when fewer)."""
         return CalibrationSet(self.samples[:n], self.labels[:n] if self.labels else None, self.batchable)
 
-    def batches(self, batch_size: int, rng: np.random.Generator | None = None):
+    def batches(self, batch_size: int, rng: np.random.Generator | None = None, *, max_bytes: int | None = None):
         """Yield ``(sample indices, feed, labels or None)``: samples concatenated up to
-        ``batch_size`` rows.
+        ``batch_size`` rows, and with ``max_bytes`` up to that many input bytes (a batch of large
+        images multiplies every activation, and onnxruntime's arena keeps the largest).
 
         Only samples with identical input shapes are joined. With ``rng`` the order of samples
         (and so of batches) is shuffled.
@@ -98,7 +99,8 @@ class CalibrationSet:
             key = tuple((name, a.shape[1:]) for name, a in sorted(self.samples[i].items()))
             group = pending.setdefault(key, [])
             group.append(int(i))
-            if sum(_batch_rows(self.samples[j]) for j in group) >= batch_size:
+            full = sum(_batch_rows(self.samples[j]) for j in group) >= batch_size
+            if full or (max_bytes is not None and sum(_feed_bytes(self.samples[j]) for j in group) >= max_bytes):
                 yield self._join(group)
                 pending[key] = []
         for group in pending.values():
@@ -409,3 +411,7 @@ def _is_symbolic(dim) -> bool:
 def _format_shape(shape) -> str:
     shown = [str(d) if not _is_symbolic(d) else "?" if isinstance(d, int) else str(d or "?") for d in shape]
     return "(" + ", ".join(shown) + ")"
+
+
+def _feed_bytes(feed: dict[str, np.ndarray]) -> int:
+    return sum(array.nbytes for array in feed.values())

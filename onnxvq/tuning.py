@@ -161,7 +161,7 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vector
             others = {name: w for name, w in current.items() if name != job.name}
             captured = capture_inputs(
                 model, job.group, train.subset(needed), quantized=others or None,
-                max_rows=settings.max_rows, batch_size=settings.batch_size, seed=seed,
+                max_rows=settings.max_rows, batch_size=settings.batch_size, seed=seed, moments=False,
             )
             data: LayerInputs | None = captured.get(job.name)
             if data is not None:

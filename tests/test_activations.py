@@ -87,6 +87,22 @@ def test_sampling_bounds_rows_and_paired_capture_with_unchanged_weights_is_symme
     np.testing.assert_array_equal(again["w2"].inputs, conv2.inputs)  # seeded
 
 
+def test_capture_without_moments_keeps_the_same_rows():
+    """moments=False (layer-wise training) skips H and G but keeps exactly the rows, paired."""
+    model = ir.serde.deserialize_model(cnn())
+    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 3, 16, 16)).astype(np.float32)} for i in range(4)]
+    calib = load_calibration(feeds, model)
+    layers, _ = find_layers(model)
+    changed = {"w1": 0.9 * layers[0].weight_array()}
+    full = capture_inputs(model, layers, calib, quantized=changed, max_rows=40, positions_per_batch=64)
+    lean = capture_inputs(model, layers, calib, quantized=changed, max_rows=40, positions_per_batch=64, moments=False)
+    for name, data in lean.items():
+        assert data.hessian is None and data.cross is None
+        np.testing.assert_array_equal(data.inputs, full[name].inputs)
+        np.testing.assert_array_equal(data.reference_inputs, full[name].reference_inputs)
+        assert data.count == full[name].count
+
+
 def test_paired_capture_sees_the_quantized_upstream():
     model = ir.serde.deserialize_model(mlp())
     x = np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)

@@ -76,6 +76,17 @@ def test_batches_only_join_equal_shapes_and_shuffle_with_a_seed():
     assert feed["x"].shape[0] == len(labels) == 4
 
 
+def test_batches_stop_at_max_bytes():
+    """Large inputs are joined only up to max_bytes (a batch of 640x640 images multiplies every
+    activation); small ones still up to batch_size."""
+    model = ir_model(cnn())
+    calib = load_calibration([{"x": images(1, i)} for i in range(10)], model)
+    per_sample = calib.samples[0]["x"].nbytes
+    sizes = [len(idx) for idx, _, _ in calib.batches(8, max_bytes=3 * per_sample)]
+    assert sizes == [3, 3, 3, 1]
+    assert [len(idx) for idx, _, _ in calib.batches(8, max_bytes=100 * per_sample)] == [8, 2]
+
+
 def test_split_holds_back_the_last_samples():
     calib = load_calibration([{"x": images(1, i)} for i in range(20)], ir_model(cnn()))
     train, held = calib.split(0.1)
