@@ -94,6 +94,7 @@ class Budget:
 
     nbytes: float
     target: str
+    rest: float = 0.0  # bytes of the file outside the free weights: other tensors, graph, op overhead
 
 
 def solve(options: Sequence[Sequence[Option]], budget: float) -> list[int]:
@@ -173,6 +174,13 @@ def allocate(
     budget = _budget(config, groups, input_bytes, fixed_bytes, n_free=len(free))
     if not free:
         return list(plans)
+    if budget.nbytes <= 0:  # found before the ladder's minutes of work
+        raise OnnxVQError(
+            f"{budget.target} cannot be met: what onnxvq leaves as it is ({budget.rest:.0f} bytes: tensors "
+            "other than Conv/Gemm/MatMul weights, such as biases and normalisation parameters, the graph, "
+            "layers kept by explicit settings, and the compressed ops' own bytes) already exceeds the "
+            f"{budget.nbytes + budget.rest:.0f} bytes the target allows; lower the target"
+        )
 
     from onnxvq.quality_guard import generated_samples
     from onnxvq.sensitivity import OutputSensitivity
@@ -214,7 +222,8 @@ def _budget(config: CompressConfig, groups, input_bytes: int, fixed_bytes: int, 
         other = max(input_bytes - candidate_bytes, 0)
         total = input_bytes / config.target_ratio
         overhead = NODE_OVERHEAD_BYTES * n_free + FUNCTION_OVERHEAD_BYTES * min(n_free, MAX_VARIANTS)
-        return Budget(total - other - fixed_bytes - overhead, f"--target-ratio {config.target_ratio:g}")
+        return Budget(total - other - fixed_bytes - overhead, f"--target-ratio {config.target_ratio:g}",
+                      other + fixed_bytes + overhead)
     weights = sum(group[0].size for group in groups)
     return Budget(config.target_bits * weights / 8 - fixed_bytes, f"--target-bits {config.target_bits:g}")
 

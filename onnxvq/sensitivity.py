@@ -39,18 +39,14 @@ class OutputSensitivity:
     def __init__(self, model: ir.Model, layers: Sequence[Layer], samples: CalibrationSet):
         from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
 
+        from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
         names = {layer.weight.name for layer in layers}
         copy = model.clone()
+        # Weights held in Constant nodes (paddle2onnx writes them so) become initializers, which
+        # a feed can override; in this measuring copy only.
+        LiftConstantsToInitializersPass(size_limit=1)(copy)
         graph = copy.graph
-        for node in list(graph):
-            if node.op_type == "Constant" and node.domain == "" and node.outputs[0].name in names:
-                value = node.outputs[0]
-                if "value" not in node.attributes:
-                    continue
-                tensor = node.attributes["value"].as_tensor()
-                graph.remove(node, safe=False)
-                value.const_value = tensor
-                graph.register_initializer(value)
         opset = copy.opset_imports.get("", 13)
         self.outputs = [_measured(value, opset) for value in graph.outputs]
         for output in self.outputs:

@@ -219,3 +219,34 @@ def test_sensitivity_of_a_probability_output_is_the_kl_of_its_logits(op):
     assert sensitivity.error(first, first.weight_array()) == pytest.approx(0.0, abs=1e-12)
     both = {layer: layer.weight_array() * 1.01 for layer in layers}
     assert sensitivity.joint_error(both) > max(sensitivity.error(l, w) for l, w in both.items())
+
+
+def test_weights_in_constant_nodes_are_measured():
+    """paddle2onnx holds weights in Constant nodes: the sensitivity session lifts them to
+    overridable initializers (a replaced Constant weight changes the measured error)."""
+    import onnx_ir as ir
+
+    from onnxvq.calibration import load_calibration
+    from onnxvq.candidates import find_layers
+    from onnxvq.sensitivity import OutputSensitivity
+
+    from models import cnn
+
+    model = ir.serde.deserialize_model(cnn(conv_weights_as_constants=True))
+    layers, _ = find_layers(model)
+    conv = next(layer for layer in layers if layer.weight.name == "w1")
+    feeds = [{"x": rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)}]
+    sensitivity = OutputSensitivity(model, layers, load_calibration(feeds, model))
+    assert sensitivity.error(conv, conv.weight_array()) == pytest.approx(0.0, abs=1e-12)
+    assert sensitivity.error(conv, 1.1 * conv.weight_array()) > 1e-4
+    result = onnxvq.compress(cnn(conv_weights_as_constants=True), target_ratio=2, calib=feeds, finetune="none")
+    assert sum(layer.compressed for layer in result.summary.layers) >= 2
+
+
+def test_a_target_below_what_is_left_dense_fails_before_any_work():
+    """Tensors onnxvq leaves alone (here a large bias-like initializer) can make a ratio
+    impossible: one error line that says so, before the ladder is built."""
+    model = big_mlp()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(400_000, np.float32), "unused_table"))
+    with pytest.raises(onnxvq.OnnxVQError, match="already exceeds"):
+        onnxvq.compress(model, target_ratio=8)
