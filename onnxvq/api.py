@@ -123,6 +123,9 @@ def compress(
     plan_of = dict(zip(layers, plans))
     groups = list(group_by_weight(layers).values())
     group_plans = [_group_plan(group, plan_of) for group in groups]
+    for group, plan in zip(groups, group_plans):  # before any work: a user error, not minutes in
+        if plan.compressed or (config.targeted and plan.rule == "default"):
+            _check_finite(group[0])
     if config.targeted:
         group_plans = allocate(
             model, groups, group_plans, config, input_bytes=_input_bytes(model), samples=calib_set, progress=progress
@@ -324,14 +327,17 @@ def _no_smaller_reason(layer: Layer, plan: LayerPlan) -> str | None:
     return None
 
 
-def _encode(group: list[Layer], plan: LayerPlan, config: CompressConfig, inputs: LayerInputs | None) -> WeightJob:
-    layer = group[0]
-    weight = layer.weight_array()
-    if not np.isfinite(weight).all():
+def _check_finite(layer: Layer) -> None:
+    if not np.isfinite(layer.weight_array()).all():
         raise OnnxVQError(
             f"weight {layer.weight.name!r} of layer {layer.name!r} contains NaN or Inf; "
             "fix the model before compressing"
         )
+
+
+def _encode(group: list[Layer], plan: LayerPlan, config: CompressConfig, inputs: LayerInputs | None) -> WeightJob:
+    layer = group[0]
+    weight = layer.weight_array()
     weight32 = weight.astype(np.float32, copy=False)
     transposed, row_axes = layer.view()
     # One seed per weight, independent of layer order, so that a config change on one layer
