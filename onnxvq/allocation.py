@@ -317,7 +317,7 @@ def _interpolate(distortion: float, points: list[tuple[float, float]]) -> float:
         if not pts[0][0] <= x <= pts[-1][0]:
             slope = max(slope, 1.0)
             x0, y0 = pts[0] if x < pts[0][0] else pts[-1]
-    return math.exp(y0 + slope * (x - x0))
+    return math.exp(min(y0 + slope * (x - x0), 700.0))  # far out, a steep slope can leave float range
 
 
 def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) -> _Ladder:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import subprocess
 import sys
 
@@ -161,6 +162,8 @@ def test_interpolate_through_measured_points():
     flat = [(1.0, 1e-3), (8.0, 2e-3)]  # flatter than 1 between them: extrapolated at slope 1
     assert _interpolate(16.0, flat) == pytest.approx(4e-3)
     assert _interpolate(0.5, flat) == pytest.approx(5e-4)
+    steep = [(1.0, 1e-3), (1.0001, 1.0)]  # two close points: a slope of ~69,000
+    assert math.isfinite(_interpolate(100.0, steep))
 
 
 def head_mlp(op):
