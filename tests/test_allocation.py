@@ -253,3 +253,23 @@ def test_a_target_below_what_is_left_dense_fails_before_any_work():
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(400_000, np.float32), "unused_table"))
     with pytest.raises(onnxvq.OnnxVQError, match="already exceeds"):
         onnxvq.compress(model, target_ratio=8)
+
+
+def test_no_layer_is_offered_less_than_the_uniform_floor():
+    """The finest k = 256 rung at which every layer fits sets each layer's floor: coarser rungs
+    are not offered, finer ones (and dense) still are."""
+    from onnxvq.allocation import _Ladder, _Rung, _set_uniform_floor
+    from onnxvq.methods import get_method
+
+    def ladder(scale):
+        rungs = []
+        for k, d in [(256, 1), (256, 2), (256, 4), (16, 8)]:
+            plan = LayerPlan("layer", "pq", get_method("pq").Params(k=k, d=d), "float16", "test")
+            rungs.append(_Rung(plan, int(scale * 8 / d * (2 if k == 256 else 1)), np.zeros((1, 1)), np.zeros(1), 1.0))
+        return _Ladder(None, Option(64 * scale, 0.0, PLAN), rungs, [], None, 1.0, None)
+
+    ladders = [ladder(100), ladder(10)]
+    _set_uniform_floor(ladders, budget=900)  # d=1: 1600 + 160 > 900; d=2: 800 + 80 fits
+    assert [ladder.floor for ladder in ladders] == [800, 80]
+    offered = [sorted(o.nbytes for o in ladder.options()) for ladder in ladders]
+    assert offered == [[800, 1600, 6400], [80, 160, 640]]
