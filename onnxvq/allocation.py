@@ -202,7 +202,7 @@ def allocate(
     try:
         choice = solve([ladder.options() for ladder in ladders], budget.nbytes)
         for _ in range(REFINE_ROUNDS if sensitivity is not None else 0):
-            if not sum(ladder.measure(c - 1) for ladder, c in zip(ladders, choice) if c > 0):
+            if not sum(ladder.measure(ladder.offered()[c - 1]) for ladder, c in zip(ladders, choice) if c > 0):
                 break
             choice = solve([ladder.options() for ladder in ladders], budget.nbytes)
     except ValueError:
@@ -299,11 +299,16 @@ class _Ladder:
             return [d / self.signal for d in distortions]
         return [_interpolate(d, [(distortions[i], e) for i, e in self.measured.items()]) for d in distortions]
 
+    def offered(self) -> list[int]:
+        """Indices of the rungs offered to the knapsack (none below the floor); option ``c`` of
+        :meth:`options` is rung ``offered()[c - 1]``, option 0 is dense."""
+        return [i for i, rung in enumerate(self.rungs) if rung.nbytes >= self.floor]
+
     def options(self) -> list[Option]:
         options = [self.dense]
-        for rung, error in zip(self.rungs, self.errors()):
-            if rung.nbytes < self.floor:
-                continue
+        errors = self.errors()
+        for i in self.offered():
+            rung, error = self.rungs[i], errors[i]
             params = rung.plan.params
             rule = f"target: d={params.d} k={params.k} (est. output error {error:.2e})"
             options.append(Option(rung.nbytes, error, dataclasses.replace(rung.plan, rule=rule)))
@@ -401,7 +406,8 @@ def _set_uniform_floor(ladders: Sequence[_Ladder], budget: float) -> None:
 
 def _log_plan_error(sensitivity, ladders: Sequence[_Ladder], choice: Sequence[int]) -> None:
     """Measure the whole plan at once and log it against the sum of per-layer estimates."""
-    chosen = [(ladder, c - 1) for ladder, c in zip(ladders, choice) if c > 0 and ladder.sensitivity is not None]
+    chosen = [(ladder, ladder.offered()[c - 1]) for ladder, c in zip(ladders, choice)
+              if c > 0 and ladder.sensitivity is not None]
     if not chosen:
         return
     weights = {ladder.layer: ladder.weight(rung) for ladder, rung in chosen}

@@ -273,3 +273,6 @@ def test_no_layer_is_offered_less_than_the_uniform_floor():
     assert [ladder.floor for ladder in ladders] == [800, 80]
     offered = [sorted(o.nbytes for o in ladder.options()) for ladder in ladders]
     assert offered == [[800, 1600, 6400], [80, 160, 640]]
+    # option c of the knapsack is rung offered()[c - 1]: what refinement measures
+    assert [ladder.offered() for ladder in ladders] == [[0, 1], [0, 1]]
+    assert [o.nbytes for o in ladders[0].options()[1:]] == [ladders[0].rungs[i].nbytes for i in ladders[0].offered()]
