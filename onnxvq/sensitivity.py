@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 
 class OutputSensitivity:
     def __init__(self, model: ir.Model, layers: Sequence[Layer], samples: CalibrationSet):
-        from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
-
         from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+        from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
 
         names = {layer.weight.name for layer in layers}
         copy = model.clone()
