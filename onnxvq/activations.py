@@ -156,15 +156,13 @@ class _Accumulator:
         n, groups, cols = x_q.shape
         q = np.ascontiguousarray(x_q, np.float32).reshape(n * groups, cols)
         o = np.ascontiguousarray(x_o, np.float32).reshape(n * groups, cols) if self.paired else q
-        if not self.moments:
-            h = g = None
-        elif cols > FULL_MOMENT_COLS:
-            h = np.einsum("ij,ij->j", q, q, dtype=np.float64)
-            g = np.einsum("ij,ij->j", q, o, dtype=np.float64) if self.paired else None
-        else:  # float32 GEMM (fast), accumulated in float64 across batches
-            h = (q.T @ q).astype(np.float64)
-            g = (q.T @ o).astype(np.float64) if self.paired else None
         if self.moments:
+            if cols > FULL_MOMENT_COLS:
+                h = np.einsum("ij,ij->j", q, q, dtype=np.float64)
+                g = np.einsum("ij,ij->j", q, o, dtype=np.float64) if self.paired else None
+            else:  # float32 GEMM (fast), accumulated in float64 across batches
+                h = (q.T @ q).astype(np.float64)
+                g = (q.T @ o).astype(np.float64) if self.paired else None
             self.h = h if self.h is None else self.h + h
             if self.paired:
                 self.g = g if self.g is None else self.g + g

@@ -55,7 +55,7 @@ import onnx_ir as ir
 
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer
-from onnxvq.channel_scales import AUTO_MIN_SPREAD
+from onnxvq.channel_scales import AUTO_MIN_SPREAD, row_rms, rms_spread
 from onnxvq.config import CompressConfig, LayerPlan
 from onnxvq.errors import OnnxVQError
 from onnxvq.kmeans import assign, kmeans
@@ -341,10 +341,9 @@ def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) 
     weight = layer.weight_array().astype(np.float32)
     transposed, row_axes = layer.view()
     matrix = WeightLayout(layer.weight_shape, transposed, row_axes, 1).to_matrix(weight)
-    rms = np.sqrt(np.mean(np.square(matrix, dtype=np.float64), axis=1))
-    rms = np.where(rms > 0, rms, 1.0)
-    scaled = config.scales == "on" or (config.scales == "auto" and rms.max() / rms.min() >= AUTO_MIN_SPREAD)
-    row_rms = rms.astype(np.float32) if scaled else None
+    rms = row_rms(matrix)
+    scaled = config.scales == "on" or (config.scales == "auto" and rms_spread(rms) >= AUTO_MIN_SPREAD)
+    rms = rms if scaled else None
     seed = np.random.SeedSequence(config.seed, spawn_key=(zlib.crc32(layer.weight.name.encode()), 1))
     exact = matrix.astype(np.float64)
     rungs, layouts = [], []
@@ -358,13 +357,13 @@ def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) 
         nbytes = _stored_nbytes(candidate, layout)
         if nbytes >= layer.nbytes:
             continue
-        codebook, codes = _quick_encode(matrix, row_rms, layout, params.k, seed)
+        codebook, codes = _quick_encode(matrix, rms, layout, params.k, seed)
         rung = _Rung(candidate, nbytes, codebook, codes, 0.0)
-        rung.distortion = float(np.sum((exact - rung.matrix(layout, row_rms)) ** 2))
+        rung.distortion = float(np.sum((exact - rung.matrix(layout, rms)) ** 2))
         rungs.append(rung)
         layouts.append(layout)
     signal = float(np.sum(exact**2)) or 1.0
-    ladder = _Ladder(layer, dense, rungs, layouts, row_rms, signal, sensitivity)
+    ladder = _Ladder(layer, dense, rungs, layouts, rms, signal, sensitivity)
     if rungs:
         reference = min(range(len(rungs)), key=lambda i: (rungs[i].plan.params.k < 256, abs(rungs[i].plan.params.d - REFERENCE_D)))
         ladder.measure(reference)

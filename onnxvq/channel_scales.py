@@ -72,8 +72,8 @@ def encode(
     layout = WeightLayout(tuple(weight.shape), transposed, row_axes, params.d)
     kwargs = dict(transposed=transposed, row_axes=row_axes, params=params, seed=seed, inputs=inputs)
     matrix = layout.to_matrix(weight).astype(np.float32)
-    rms = _row_rms(matrix)
-    if scales == "off" or (scales == "auto" and _spread(rms) < AUTO_MIN_SPREAD):
+    rms = row_rms(matrix)
+    if scales == "off" or (scales == "auto" and rms_spread(rms) < AUTO_MIN_SPREAD):
         return _with_choice(_encode_unit_scaled(method, weight, matrix, **kwargs), "off")
 
     normalized = _from_matrix(matrix / rms[:, None], layout)
@@ -83,7 +83,7 @@ def encode(
     decoded = layout.to_matrix(decode(unit)).astype(np.float32)
     refit = _refit_scales(matrix, decoded, hessian, fallback=rms)
     scaled = dataclasses.replace(scaled, extras={**scaled.extras, "scales": refit})
-    if scales == "on" or _spread(rms) >= AUTO_SURE_SPREAD:
+    if scales == "on" or rms_spread(rms) >= AUTO_SURE_SPREAD:
         return _with_choice(scaled, "on")
 
     plain = _encode_unit_scaled(method, weight, matrix, **kwargs)
@@ -130,13 +130,16 @@ def trainable(method: Method, encoded: Encoded, layout: WeightLayout, params: Me
     return ScaledWeight(inner, np.asarray(encoded.extras["scales"], np.float32))
 
 
-def _row_rms(matrix: np.ndarray) -> np.ndarray:
+def row_rms(matrix: np.ndarray) -> np.ndarray:
+    """Each row's RMS as float32, zero rows as 1 (nothing to scale), never below float32's
+    smallest normal value."""
     rms = np.sqrt(np.mean(np.square(matrix, dtype=np.float64), axis=1))
     # a row too small for float32 (1e-40) would divide by zero: it is scaled as the tiniest one
     return np.maximum(np.where(rms > 0, rms, 1.0), np.finfo(np.float32).tiny).astype(np.float32)
 
 
-def _spread(rms: np.ndarray) -> float:
+def rms_spread(rms: np.ndarray) -> float:
+    """Largest over smallest row RMS: what ``auto`` decides by."""
     return float(rms.max()) / float(rms.min())  # in float64: a float32 quotient can overflow
 
 
