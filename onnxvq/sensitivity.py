@@ -30,7 +30,7 @@ import onnxruntime as ort
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer
 
-__all__ = ["OutputSensitivity"]
+__all__ = ["ELEMENTWISE", "MeasuredOutput", "OutputSensitivity", "measured_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class OutputSensitivity:
         LiftConstantsToInitializersPass(size_limit=1)(copy)
         graph = copy.graph
         opset = copy.opset_imports.get("", 13)
-        self.outputs = [_measured(value, opset) for value in graph.outputs]
+        self.outputs = [measured_output(value, opset) for value in graph.outputs]
         for output in self.outputs:
             if output.value not in graph.outputs:
                 graph.outputs.append(output.value)
@@ -101,42 +101,45 @@ class OutputSensitivity:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Output:
+class MeasuredOutput:
     """A measured value: a graph output, or the logits of a softmax output (``axis`` set;
     ``flatten``: opset < 13 semantics, the classes are every axis from ``axis`` on) or of a
-    sigmoid output (``axis`` is :data:`_ELEMENTWISE`)."""
+    sigmoid output (``axis`` is :data:`ELEMENTWISE`)."""
 
     value: ir.Value
     axis: int | str | None = None
     flatten: bool = False
 
 
-_ELEMENTWISE = "elementwise"
+ELEMENTWISE = "elementwise"
 
 
-def _measured(value: ir.Value, opset: int) -> _Output:
+def measured_output(value: ir.Value, opset: int) -> MeasuredOutput:
+    """What to compare for graph output ``value``: the logits feeding a ``Softmax``/``LogSoftmax``
+    (with its class axis) or ``Sigmoid`` (elementwise) that computes it, looking through
+    ``Identity``; otherwise the output itself."""
     producer = value.producer()
     while producer is not None and producer.domain == "" and producer.op_type == "Identity":
         producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
     if producer is None or producer.domain != "" or producer.op_type not in ("Softmax", "LogSoftmax", "Sigmoid"):
-        return _Output(value)
+        return MeasuredOutput(value)
     logits = producer.inputs[0]
     if logits is None or not logits.name or (logits.dtype is not None and not logits.dtype.is_floating_point()):
-        return _Output(value)
+        return MeasuredOutput(value)
     if producer.op_type == "Sigmoid":
-        return _Output(logits, _ELEMENTWISE)
+        return MeasuredOutput(logits, ELEMENTWISE)
     default = -1 if opset >= 13 else 1
     axis = producer.attributes["axis"].as_int() if "axis" in producer.attributes else default
-    return _Output(logits, axis, opset < 13)
+    return MeasuredOutput(logits, axis, opset < 13)
 
 
 def _mean_kl(reference: np.ndarray, logits: np.ndarray, axis, flatten: bool) -> float:
     """Mean over rows of ``KL(softmax(reference) || softmax(logits))`` along the class axis, or
-    with ``axis`` :data:`_ELEMENTWISE` over elements of the Bernoulli divergence of
+    with ``axis`` :data:`ELEMENTWISE` over elements of the Bernoulli divergence of
     ``sigmoid(reference)`` from ``sigmoid(logits)``."""
     ref = reference.astype(np.float64)
     new = logits.astype(np.float64)
-    if axis == _ELEMENTWISE:
+    if axis == ELEMENTWISE:
         # log sigmoid(x) = -softplus(-x), log(1 - sigmoid(x)) = -softplus(x)
         p = np.exp(-np.logaddexp(0, -ref))  # sigmoid, without overflow
         kl = p * (np.logaddexp(0, -new) - np.logaddexp(0, -ref)) + (1 - p) * (np.logaddexp(0, new) - np.logaddexp(0, ref))

@@ -130,9 +130,8 @@ def finetune(
         else:
             from onnxvq.finetune.end_to_end import train_end_to_end
 
-            teacher = reference if evaluation is train else run_model(model, train)
             record["e2e"], learned_rest = train_end_to_end(
-                model, modules, train, teacher, settings, seed=seed, progress=progress
+                model, modules, train, settings, seed=seed, progress=progress
             )
     finally:
         torch.use_deterministic_algorithms(was_deterministic)

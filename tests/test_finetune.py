@@ -180,3 +180,55 @@ def _model_with_lstm_and_if() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 40])],
         inits,
     )
+
+
+def _sequence_classifier(final: str) -> onnx.ModelProto:
+    """x (N, T, 8) -> MatMul (8 -> 30) -> ``final`` (Softmax over the 30 classes, or Sigmoid),
+    through an Identity as paddle2onnx writes it: a recognizer's (batch, time, classes) output."""
+    attrs = {"axis": -1} if final == "Softmax" else {}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["logits"]),
+        helper.make_node(final, ["logits"], ["p"], **attrs),
+        helper.make_node("Identity", ["p"], ["y"]),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 30])],
+        [numpy_helper.from_array(weight((8, 30), 11), "w")],
+    )
+
+
+@pytest.mark.parametrize("final, kind", [("Softmax", "logits"), ("Sigmoid", "bernoulli")])
+def test_e2e_compares_a_softmax_or_sigmoid_output_on_its_logits(final, kind):
+    from onnxvq.finetune.end_to_end import _compared_model
+    from onnxvq.finetune_settings import FinetuneSettings
+
+    model = ir.serde.deserialize_model(_sequence_classifier(final))
+    compared, targets = _compared_model(model, "auto")
+    assert [v.name for v in compared.graph.outputs] == ["logits"] and targets[0].kind == kind
+    assert [v.name for v in model.graph.outputs] == ["y"]  # the model itself is untouched
+    forced, targets = _compared_model(model, "mse")
+    assert [v.name for v in forced.graph.outputs] == ["y"] and targets[0].kind == "mse"
+    r = np.random.default_rng(0)
+    calib = [{"x": r.standard_normal((4, 5, 8)).astype(np.float32)} for _ in range(8)]
+    result = onnxvq.compress(_sequence_classifier(final), method="pq", k=4, d=4, min_size=0, calib=calib,
+                             finetune=FinetuneSettings(mode="e2e", steps=40, lr=1e-2, holdout=0.0))
+    record = result.summary.calibration
+    assert record["e2e"]["losses"] == [kind]
+    assert record["e2e"]["loss_last"] < record["e2e"]["loss_first"]
+
+
+def test_distillation_divergences_match_the_sensitivity_measure():
+    """The training loss on logits is the divergence the allocation measures (numpy, float64)."""
+    from onnxvq.finetune.end_to_end import _Target, distillation_loss
+    from onnxvq.sensitivity import ELEMENTWISE, _mean_kl
+
+    r = np.random.default_rng(1)
+    teacher, student = r.standard_normal((2, 3, 5, 7))
+    for target, axis in ((_Target("logits", 1), 1), (_Target("logits", -1), -1), (_Target("bernoulli"), ELEMENTWISE)):
+        loss = float(distillation_loss(torch.from_numpy(student), torch.from_numpy(teacher), target))
+        assert loss == pytest.approx(_mean_kl(teacher, student, axis, False), rel=1e-9)
+        assert float(distillation_loss(torch.from_numpy(teacher), torch.from_numpy(teacher), target)) == pytest.approx(0, abs=1e-12)
+    flat = float(distillation_loss(torch.from_numpy(student), torch.from_numpy(teacher), _Target("logits", 1, True)))
+    assert flat == pytest.approx(_mean_kl(teacher, student, 1, True), rel=1e-9)

@@ -57,7 +57,7 @@ ABLATION: list[dict] = [
 ]
 
 # mode -> (uses calibration data, finetune argument)
-MODES = {"none": (False, None), "data": (True, "none"), "layer": (True, "layer")}
+MODES = {"none": (False, None), "data": (True, "none"), "layer": (True, "layer"), "e2e": (True, "e2e")}
 MODE_LABELS = {"none": "no data", "data": "data-aware", "layer": "layer", "e2e": "e2e"}
 
 # task modules, in table order

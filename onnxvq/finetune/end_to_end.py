@@ -7,13 +7,21 @@ float initializers. The loss over a batch is
 
     sum over float outputs o of  D(student_o, teacher_o)   +   CE(student_0, labels) if labels
 
-with the teacher outputs those of the original model (onnxruntime, computed once) and ``D`` the
-KL divergence ``sum p_t (log p_t - log p_s)`` of the softmaxes for class scores, or the
-normalised squared error ``mean (s - t)^2 / mean t^2`` otherwise (``FinetuneSettings.loss``).
+with the teacher outputs those of the original model (onnxruntime, computed once). With
+``FinetuneSettings.loss`` ``auto``, an output computed by ``Softmax``/``LogSoftmax`` or
+``Sigmoid`` is compared on its logits, as the allocation's sensitivity does
+(:func:`onnxvq.sensitivity.measured_output`): ``D`` is the mean over rows of
+``KL(p_t || p_s)`` of the class distributions along the op's axis (a recognizer's
+(batch, time, classes) output included), or of the Bernoulli distributions elementwise; a 2-D
+output not made by such an op is taken as class scores (KL of the softmaxes of its rows); any
+other output gets the normalised squared error ``mean (s - t)^2 / mean t^2``. A squared error of
+probabilities barely sees thousands of classes' mass move until the top one flips. ``kl`` and
+``mse`` force one divergence on the graph outputs themselves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -21,22 +29,46 @@ import numpy as np
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
-from onnxvq.progress import progress as progress_bar
 
+from onnxvq.activations import run_model
 from onnxvq.calibration import CalibrationSet
 from onnxvq.finetune.torch_graph import TorchGraph
 from onnxvq.finetune.trainable import TrainableWeight
 from onnxvq.finetune_settings import FinetuneSettings
 from onnxvq.output_quality import is_class_scores
+from onnxvq.progress import progress as progress_bar
+from onnxvq.sensitivity import ELEMENTWISE, measured_output
 
 __all__ = ["distillation_loss", "train_end_to_end"]
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "kl":
-        log_p_s = F.log_softmax(student, dim=-1)
-        log_p_t = F.log_softmax(teacher, dim=-1)
-        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """One compared value: its loss kind (``kl``: softmax rows of the last axis, ``mse``,
+    ``logits``: softmax along ``axis``, ``bernoulli``: elementwise sigmoid)."""
+
+    kind: str
+    axis: int = -1
+    flatten: bool = False
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, target: _Target | str) -> torch.Tensor:
+    if isinstance(target, str):
+        target = _Target(target)
+    if target.kind == "bernoulli":
+        # KL of Bernoulli(sigmoid t) from Bernoulli(sigmoid s), with log sigmoid(x) = -softplus(-x)
+        p = torch.sigmoid(teacher)
+        return (p * (F.softplus(-student) - F.softplus(-teacher))
+                + (1 - p) * (F.softplus(student) - F.softplus(teacher))).mean()
+    if target.kind in ("kl", "logits"):
+        axis = target.axis
+        if target.flatten:  # opset < 13 Softmax: the classes are every axis from ``axis`` on
+            axis = axis % max(teacher.ndim, 1)
+            rows = math.prod(teacher.shape[:axis])
+            student, teacher, axis = student.reshape(rows, -1), teacher.reshape(rows, -1), -1
+        log_p_s = F.log_softmax(student, dim=axis)
+        log_p_t = F.log_softmax(teacher, dim=axis)
+        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(axis).mean()
     return ((student - teacher) ** 2).mean() / ((teacher**2).mean() + 1e-12)
 
 
@@ -44,7 +76,6 @@ def train_end_to_end(
     model: ir.Model,
     modules: Mapping[str, TrainableWeight],
     calib: CalibrationSet,
-    teacher: list[list[np.ndarray]],
     settings: FinetuneSettings,
     *,
     seed: int,
@@ -56,12 +87,15 @@ def train_end_to_end(
     """
     torch.manual_seed(seed)
     rest = _other_float_initializers(model, set(modules)) if settings.train_rest else []
-    graph = TorchGraph(model, trainable=rest)
+    compared, targets = _compared_model(model, settings.loss)
+    teacher = run_model(compared, calib)
+    targets = [(t or _plain_target(teacher[0][o])) if teacher[0][o].dtype.kind == "f" else None
+               for o, t in enumerate(targets)]
+    graph = TorchGraph(compared, trainable=rest)
     graph.train()
     parameters = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     parameters += [graph.initializer(name) for name in rest]
     optimizer = torch.optim.Adam(parameters, lr=settings.lr)
-    kinds = [_loss_kind(t, settings.loss) for t in teacher[0]]
 
     rng = np.random.default_rng(seed)
     per_epoch = sum(1 for _ in calib.batches(settings.batch_size))
@@ -76,11 +110,11 @@ def train_end_to_end(
                 overrides = {name: module() for name, module in modules.items()}
                 outputs = graph({k: torch.from_numpy(v) for k, v in feed.items()}, overrides)
                 loss = torch.zeros(())
-                for o, (student, kind) in enumerate(zip(outputs, kinds)):
-                    if kind is None:
+                for o, (student, target) in enumerate(zip(outputs, targets)):
+                    if target is None:
                         continue
-                    target = torch.from_numpy(np.concatenate([teacher[i][o] for i in indices]))
-                    loss = loss + distillation_loss(student, target, kind)
+                    reference = torch.from_numpy(np.concatenate([teacher[i][o] for i in indices]))
+                    loss = loss + distillation_loss(student, reference, target)
                 if labels is not None:
                     loss = loss + F.cross_entropy(outputs[0], torch.from_numpy(labels))
                 optimizer.zero_grad(set_to_none=True)
@@ -100,22 +134,40 @@ def train_end_to_end(
         "steps": step,
         "loss_first": float(np.mean(losses[:window])) if losses else None,
         "loss_last": float(np.mean(losses[-window:])) if losses else None,
-        "losses": [_loss_kind_name(k) for k in kinds],
+        "losses": [target.kind if target else "none (not float)" for target in targets],
         "trained_other_initializers": len(rest),
     }
     return stats, learned
 
 
-def _loss_kind(teacher_output: np.ndarray, setting: str) -> str | None:
-    if teacher_output.dtype.kind != "f":
-        return None
-    if setting == "auto":
-        return "kl" if is_class_scores(teacher_output) else "mse"
-    return setting
+def _compared_model(model: ir.Model, setting: str) -> tuple[ir.Model, list[_Target | None]]:
+    """A copy of ``model`` whose outputs are the values the loss compares (see the module
+    docstring), and how each is compared (None: by :func:`_plain_target` on its values)."""
+    compared = model.clone()
+    outputs = list(compared.graph.outputs)
+    if setting != "auto":
+        return compared, [_Target(setting)] * len(outputs)
+    opset = compared.opset_imports.get("", 13)
+    inputs = set(compared.graph.inputs)
+    values, targets = [], []
+    for value in outputs:
+        measured = measured_output(value, opset)
+        # a logits value that is a graph input carries no gradient; one that is already
+        # compared (a model with both the logits and the softmax as outputs) is not twice
+        if measured.axis is None or measured.value in inputs or measured.value in values or measured.value in outputs:
+            values.append(value)
+            targets.append(None)  # kl or mse, decided on the teacher's values
+        else:
+            values.append(measured.value)
+            targets.append(_Target("bernoulli") if measured.axis == ELEMENTWISE
+                           else _Target("logits", measured.axis, measured.flatten))
+    compared.graph.outputs.clear()
+    compared.graph.outputs.extend(values)
+    return compared, targets
 
 
-def _loss_kind_name(kind: str | None) -> str:
-    return kind or "none (not float)"
+def _plain_target(teacher_output: np.ndarray) -> _Target:
+    return _Target("kl" if is_class_scores(teacher_output) else "mse")
 
 
 def _other_float_initializers(model: ir.Model, quantized: set[str]) -> list[str]:
