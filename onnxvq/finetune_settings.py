@@ -20,10 +20,14 @@ from typing import Any
 
 from onnxvq.errors import OnnxVQError
 
-__all__ = ["FINETUNE_MODES", "LOSSES", "FinetuneSettings"]
+__all__ = ["E2E_MIN_STEPS", "FINETUNE_MODES", "LOSSES", "FinetuneSettings"]
 
 FINETUNE_MODES = ("none", "layer", "e2e")
 LOSSES = ("auto", "kl", "mse")
+# e2e's floor when counted in epochs. PP-OCRv6's recognizer at --target-ratio 16 with 48
+# calibration lines: 10 epochs are 20 steps and leave it broken; 200 steps give char_acc 0.84.
+E2E_MIN_STEPS = 200
+DEFAULT_EPOCHS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +37,16 @@ class FinetuneSettings:
     Attributes:
         mode: ``none``, ``layer`` or ``e2e`` (see the module docstring).
         epochs: passes over the data: over each layer's captured input rows (``layer``) or over
-            the calibration samples (``e2e``).
+            the calibration samples (``e2e``). None (the default): 10, and for ``e2e`` at least
+            :data:`E2E_MIN_STEPS` steps in all, since a few dozen calibration samples make only
+            a few batches per epoch.
         steps: optimizer steps instead of epochs (per layer for ``layer``, in all for ``e2e``).
         lr: Adam learning rate.
         batch_size: calibration samples per step (``e2e``) and per capture batch.
-        loss: distillation loss for ``e2e``: ``kl`` on softmax outputs, ``mse``, or ``auto``
-            (``kl`` for a 2-D float output with more than one column, the logits of a
-            classifier; ``mse`` otherwise).
+        loss: distillation loss for ``e2e``: ``auto`` (an output made by ``Softmax`` or
+            ``Sigmoid`` is compared on its logits by KL divergence; a 2-D float output with more
+            than one column, a classifier's logits, by KL of its rows' softmaxes; ``mse``
+            otherwise: see :mod:`onnxvq.finetune.end_to_end`), or ``kl``/``mse`` on every output.
         train_rest: ``e2e`` only: also train the model's other float initializers (biases,
             norms); they are written back into the graph. Off by default: every tensor that is
             not quantized stays bit-identical.
@@ -57,7 +64,7 @@ class FinetuneSettings:
     """
 
     mode: str = "layer"
-    epochs: int = 10
+    epochs: int | None = None
     steps: int | None = None
     lr: float = 1e-3
     batch_size: int = 32
@@ -68,6 +75,11 @@ class FinetuneSettings:
     max_rows: int = 4096
     layer_batch_rows: int = 256
 
+    @property
+    def epoch_count(self) -> int:
+        """``epochs``, or the default when it is None."""
+        return DEFAULT_EPOCHS if self.epochs is None else self.epochs
+
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
             raise OnnxVQError(f"fine-tune mode {self.mode!r} is not one of {', '.join(FINETUNE_MODES)}")
@@ -75,6 +87,8 @@ class FinetuneSettings:
             raise OnnxVQError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         for name in ("epochs", "batch_size", "max_rows", "layer_batch_rows"):
             value = getattr(self, name)
+            if name == "epochs" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OnnxVQError(f"{name} must be a positive integer (got {value!r})")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):

@@ -171,7 +171,7 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vector
                     job.group[0].weight_array().astype(np.float32),
                     job.layout,
                     data,
-                    epochs=settings.epochs,
+                    epochs=settings.epoch_count,
                     steps=settings.steps,
                     lr=settings.lr,
                     batch_rows=settings.layer_batch_rows,

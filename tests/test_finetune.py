@@ -232,3 +232,15 @@ def test_distillation_divergences_match_the_sensitivity_measure():
         assert float(distillation_loss(torch.from_numpy(teacher), torch.from_numpy(teacher), target)) == pytest.approx(0, abs=1e-12)
     flat = float(distillation_loss(torch.from_numpy(student), torch.from_numpy(teacher), _Target("logits", 1, True)))
     assert flat == pytest.approx(_mean_kl(teacher, student, 1, True), rel=1e-9)
+
+
+def test_e2e_runs_at_least_its_floor_of_steps_unless_epochs_are_given():
+    from onnxvq.finetune_settings import E2E_MIN_STEPS
+
+    calib = feeds(4, (64,), batch=16)
+    common = dict(method="pq", k=16, d=4, min_size=0, calib=calib)
+    default = onnxvq.compress(mlp(), finetune={"mode": "e2e", "holdout": 0.0}, **common)
+    assert default.summary.calibration["e2e"]["steps"] == E2E_MIN_STEPS
+    explicit = onnxvq.compress(mlp(), finetune={"mode": "e2e", "holdout": 0.0, "epochs": 3}, **common)
+    steps = explicit.summary.calibration["e2e"]["steps"]
+    assert steps < E2E_MIN_STEPS and steps % 3 == 0  # 3 epochs of a few batches

@@ -34,7 +34,7 @@ from onnxvq.activations import run_model
 from onnxvq.calibration import CalibrationSet
 from onnxvq.finetune.torch_graph import TorchGraph
 from onnxvq.finetune.trainable import TrainableWeight
-from onnxvq.finetune_settings import FinetuneSettings
+from onnxvq.finetune_settings import E2E_MIN_STEPS, FinetuneSettings
 from onnxvq.output_quality import is_class_scores
 from onnxvq.progress import progress as progress_bar
 from onnxvq.sensitivity import ELEMENTWISE, measured_output
@@ -99,7 +99,12 @@ def train_end_to_end(
 
     rng = np.random.default_rng(seed)
     per_epoch = sum(1 for _ in calib.batches(settings.batch_size))
-    total = settings.steps if settings.steps is not None else settings.epochs * per_epoch
+    if settings.steps is not None:
+        total = settings.steps
+    elif settings.epochs is not None:
+        total = settings.epochs * per_epoch
+    else:
+        total = max(settings.epoch_count * per_epoch, E2E_MIN_STEPS)
     losses: list[float] = []
     step = 0
     with progress_bar(total=total, desc="fine-tuning e2e", unit="step", enabled=progress) as bar:
