@@ -419,7 +419,6 @@ def main(argv=None):
     p.add_argument("--out", default=str(HERE / "out"), help="output folder")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md and the plot from results.json")
     args = p.parse_args(argv)
-    MODES.setdefault("e2e", (True, "e2e"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
