@@ -124,7 +124,7 @@ def main() -> None:
 @click.option("--steps", type=int, default=None, help="Optimizer steps instead of epochs.")
 @click.option("--lr", type=float, default=None, help="Adam learning rate. [default: 1e-3]")
 @click.option("--batch-size", type=int, default=None, help="Calibration samples per step. [default: 32]")
-@click.option("--loss", type=click.Choice(["auto", "kl", "mse"]), default=None, help="e2e distillation loss. [default: auto: kl for class scores]")
+@click.option("--loss", type=click.Choice(["auto", "kl", "mse"]), default=None, help="e2e distillation loss. [default: auto: kl on a Softmax/Sigmoid output's logits and on class scores, mse otherwise]")
 @click.option("--train-rest", is_flag=True, default=None, help="e2e: also train the other float initializers (biases, norms).")
 @click.option("--weight-only", is_flag=True, help="With --calib, encode from weights alone (ablation).")
 @click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")
