@@ -78,3 +78,25 @@ def test_a_model_that_fails_on_generated_inputs_is_noted_not_fatal():
     result = onnxvq.compress(model, min_size=0, k=16, d=4)
     assert result.summary.check.quality is None
     assert "did not run on generated inputs" in result.summary.check.note
+
+
+def test_top1_agreement_per_position_of_a_sequence_of_class_distributions():
+    """A recognizer's (batch, time, classes) softmax: agreement counts positions; a 3-D output
+    that is not a distribution (a detector's map) gets SQNR only."""
+    from onnxvq.output_quality import class_rows, output_quality
+
+    r = np.random.default_rng(0)
+    logits = r.standard_normal((2, 6, 5))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    flipped = probs.copy()
+    flipped[0, :3] = flipped[0, :3, ::-1]  # 3 of 12 positions change their top class (almost surely)
+    changed = int((flipped.reshape(-1, 5).argmax(1) != probs.reshape(-1, 5).argmax(1)).sum())
+    quality = output_quality([[probs.astype(np.float32)]], [[flipped.astype(np.float32)]])
+    assert quality.rows == 12 and quality.top1_agreement == (12 - changed) / 12 and changed >= 1
+    assert quality.top1_accuracy is None
+    labels = [probs.reshape(-1, 5).argmax(1)]  # one label per position
+    assert output_quality([[probs]], [[probs]], labels).top1_accuracy == 1.0
+    assert output_quality([[probs]], [[probs]], [np.array([0, 1])]).top1_accuracy is None  # per sample: no match
+    detector_map = r.random((2, 1, 8, 8)).astype(np.float32)
+    assert class_rows(detector_map) is None
+    assert output_quality([[detector_map]], [[detector_map * 0.9]]).top1_agreement is None
