@@ -131,7 +131,7 @@ def finetune(
             from onnxvq.finetune.end_to_end import train_end_to_end
 
             record["e2e"], learned_rest = train_end_to_end(
-                model, modules, train, settings, seed=seed, progress=progress
+                model, modules, train, settings, seed=seed, held=held, progress=progress
             )
     finally:
         torch.use_deterministic_algorithms(was_deterministic)

@@ -244,3 +244,22 @@ def test_e2e_runs_at_least_its_floor_of_steps_unless_epochs_are_given():
     explicit = onnxvq.compress(mlp(), finetune={"mode": "e2e", "holdout": 0.0, "epochs": 3}, **common)
     steps = explicit.summary.calibration["e2e"]["steps"]
     assert steps < E2E_MIN_STEPS and steps % 3 == 0  # 3 epochs of a few batches
+
+
+def test_e2e_keeps_the_modules_of_the_lowest_held_out_loss():
+    """A learning rate that wrecks the codebooks: the held-out check keeps the untrained encoding,
+    so the model computes what data-aware encoding alone gives."""
+    calib = feeds(20, (64,), batch=4)
+    common = dict(method="pq", k=16, d=4, min_size=0, calib=calib, seed=1)
+    wrecked = onnxvq.compress(mlp(), finetune={"mode": "e2e", "steps": 30, "lr": 50.0, "holdout": 0.25}, **common)
+    stats = wrecked.summary.calibration["e2e"]
+    held = stats["held_losses"]
+    assert held[0][0] == 0 and len(held) == 11 and held[-1][0] == 30
+    assert stats["kept_step"] == min(held, key=lambda item: item[1])[0] == 0
+    encoded = onnxvq.compress(mlp(), finetune={"mode": "none", "holdout": 0.25}, **common)
+    x = calib[0]["x"]
+    np.testing.assert_allclose(run_ort(wrecked.to_proto(), {"x": x})[0], run_ort(encoded.to_proto(), {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+    useful = onnxvq.compress(mlp(), finetune={"mode": "e2e", "steps": 30, "lr": 3e-3, "holdout": 0.25}, **common)
+    stats = useful.summary.calibration["e2e"]
+    assert stats["kept_step"] > 0 and min(v for _, v in stats["held_losses"]) < stats["held_losses"][0][1]

@@ -21,9 +21,9 @@ probabilities barely sees thousands of classes' mass move until the top one flip
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -39,7 +39,9 @@ from onnxvq.output_quality import is_class_scores
 from onnxvq.progress import progress as progress_bar
 from onnxvq.sensitivity import ELEMENTWISE, measured_output
 
-__all__ = ["distillation_loss", "train_end_to_end"]
+__all__ = ["HELD_CHECKS", "distillation_loss", "train_end_to_end"]
+
+HELD_CHECKS = 10  # held-out measurements during training (plus one before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +76,21 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, target: _Tar
 
 def train_end_to_end(
     model: ir.Model,
-    modules: Mapping[str, TrainableWeight],
+    modules: dict[str, TrainableWeight],
     calib: CalibrationSet,
     settings: FinetuneSettings,
     *,
     seed: int,
+    held: CalibrationSet | None = None,
     progress: bool = False,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Train ``modules`` (weight name -> module) in place.
+    """Train ``modules`` (weight name -> module; the dict's values are replaced by the kept ones).
+
+    With ``held`` samples, the distillation loss on them is measured before training and
+    :data:`HELD_CHECKS` times during it, and the modules (and ``train_rest`` tensors) of the
+    lowest held-out loss are kept, the untrained ones included: a few dozen calibration samples
+    are easy to overfit (PP-OCRv6's recognizer at 8x, 22 samples, 200 steps: char_acc 0.996 ->
+    0.979 without this check).
 
     Returns (stats, learned other initializers: name -> array, empty unless ``train_rest``).
     """
@@ -93,6 +102,29 @@ def train_end_to_end(
                for o, t in enumerate(targets)]
     graph = TorchGraph(compared, trainable=rest)
     graph.train()
+    held_teacher = run_model(compared, held) if held is not None and len(held.samples) else None
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            overrides = {name: module() for name, module in modules.items()}
+            total = 0.0
+            for indices, feed, _ in held.batches(settings.batch_size):
+                outputs = graph({k: torch.from_numpy(v) for k, v in feed.items()}, overrides)
+                for o, (student, target) in enumerate(zip(outputs, targets)):
+                    if target is not None:
+                        reference = torch.from_numpy(np.concatenate([held_teacher[i][o] for i in indices]))
+                        total += float(distillation_loss(student, reference, target)) * len(indices)
+            return total / len(held.samples)
+
+    def snapshot() -> tuple[dict, dict]:
+        return ({name: copy.deepcopy(module) for name, module in modules.items()},
+                {name: graph.initializer(name).detach().clone() for name in rest})
+
+    held_losses: list[tuple[int, float]] = []
+    best = None
+    if held_teacher is not None:
+        held_losses.append((0, held_loss()))
+        best = (0, held_losses[0][1], snapshot())
     parameters = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     parameters += [graph.initializer(name) for name in rest]
     optimizer = torch.optim.Adam(parameters, lr=settings.lr)
@@ -129,10 +161,21 @@ def train_end_to_end(
                     module.after_step(step, total)
                 losses.append(float(loss.detach()))
                 step += 1
+                if best is not None and (step % max(1, total // HELD_CHECKS) == 0 or step == total):
+                    held_losses.append((step, held_loss()))
+                    if held_losses[-1][1] < best[1]:
+                        best = (step, held_losses[-1][1], snapshot())
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             for module in modules.values():
                 module.end_epoch(step // max(per_epoch, 1) - 1, math.ceil(total / max(per_epoch, 1)))
+    kept_step = step
+    if best is not None and best[0] != step:
+        kept_step, _, (kept_modules, kept_rest) = best
+        modules.update(kept_modules)
+        with torch.no_grad():
+            for name, value in kept_rest.items():
+                graph.initializer(name).copy_(value)
     learned = {name: graph.initializer(name).detach().numpy().copy() for name in rest}
     window = max(1, min(len(losses) // 10, per_epoch))
     stats = {
@@ -141,6 +184,8 @@ def train_end_to_end(
         "loss_last": float(np.mean(losses[-window:])) if losses else None,
         "losses": [target.kind if target else "none (not float)" for target in targets],
         "trained_other_initializers": len(rest),
+        "held_losses": [[at, round(value, 6)] for at, value in held_losses],
+        "kept_step": kept_step,
     }
     return stats, learned
 
