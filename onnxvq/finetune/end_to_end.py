@@ -110,10 +110,7 @@ def train_end_to_end(
             total = 0.0
             for indices, feed, _ in held.batches(settings.batch_size):
                 outputs = graph({k: torch.from_numpy(v) for k, v in feed.items()}, overrides)
-                for o, (student, target) in enumerate(zip(outputs, targets)):
-                    if target is not None:
-                        reference = torch.from_numpy(np.concatenate([held_teacher[i][o] for i in indices]))
-                        total += float(distillation_loss(student, reference, target)) * len(indices)
+                total += float(_summed_loss(outputs, targets, held_teacher, indices)) * len(indices)
             return total / len(held.samples)
 
     def snapshot() -> tuple[dict, dict]:
@@ -146,12 +143,7 @@ def train_end_to_end(
                     break
                 overrides = {name: module() for name, module in modules.items()}
                 outputs = graph({k: torch.from_numpy(v) for k, v in feed.items()}, overrides)
-                loss = torch.zeros(())
-                for o, (student, target) in enumerate(zip(outputs, targets)):
-                    if target is None:
-                        continue
-                    reference = torch.from_numpy(np.concatenate([teacher[i][o] for i in indices]))
-                    loss = loss + distillation_loss(student, reference, target)
+                loss = _summed_loss(outputs, targets, teacher, indices)
                 if labels is not None:
                     loss = loss + F.cross_entropy(outputs[0], torch.from_numpy(labels))
                 optimizer.zero_grad(set_to_none=True)
@@ -188,6 +180,17 @@ def train_end_to_end(
         "kept_step": kept_step,
     }
     return stats, learned
+
+
+def _summed_loss(outputs, targets, teacher: list[list[np.ndarray]], indices) -> torch.Tensor:
+    """Sum over compared outputs of the distillation loss against the teacher's outputs of the
+    samples ``indices``."""
+    loss = torch.zeros(())
+    for o, (student, target) in enumerate(zip(outputs, targets)):
+        if target is not None:
+            reference = torch.from_numpy(np.concatenate([teacher[i][o] for i in indices]))
+            loss = loss + distillation_loss(student, reference, target)
+    return loss
 
 
 def _compared_model(model: ir.Model, setting: str) -> tuple[ir.Model, list[_Target | None]]:
