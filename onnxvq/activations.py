@@ -38,7 +38,17 @@ from onnxvq import ops
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer
 
-__all__ = ["FULL_MOMENT_COLS", "LayerInputs", "capturable", "capture_inputs", "run_model"]
+__all__ = [
+    "FULL_MOMENT_COLS",
+    "Accumulator",
+    "LayerInputs",
+    "capturable",
+    "capture_inputs",
+    "open_session",
+    "run_model",
+    "tap_names",
+    "values_by_name",
+]
 
 FULL_MOMENT_COLS = 8192
 # Input bytes per capture batch: a batch of 32 images of 640x640 multiplies every activation of a
@@ -101,13 +111,13 @@ def capture_inputs(
     layers = [l for l in layers if capturable(l, model) is None]
     if not layers:
         return {}
-    taps = _tap_names(layers)
+    taps = tap_names(layers)
     original = _TapSession(model, taps, None, taps_only=True)
     swapped = _TapSession(model, taps, quantized, taps_only=True) if quantized else None
     batches = list(calib.batches(batch_size, max_bytes=CAPTURE_BATCH_BYTES))
     keep_per_batch = max(1, -(-max_rows // len(batches)))
     rng = np.random.default_rng(seed)
-    accumulators = {l.weight.name: _Accumulator(paired=swapped is not None, moments=moments) for l in layers}
+    accumulators = {l.weight.name: Accumulator(paired=swapped is not None, moments=moments) for l in layers}
     consumers = {
         l.name: (ops.op_for_consumer(l.op_type), {n: a.value for n, a in l.consumer_attributes.items()})
         for l in layers
@@ -141,7 +151,7 @@ def run_model(model: ir.Model, calib: CalibrationSet, *, quantized: Mapping[str,
     return [session.run_outputs(feed) for feed in calib.samples]
 
 
-class _Accumulator:
+class Accumulator:
     """Running sums of ``x_q x_q'`` (and ``x_q x_o'``) and a bounded sample of the vectors."""
 
     def __init__(self, paired: bool, moments: bool = True):
@@ -185,7 +195,7 @@ class _Accumulator:
         )
 
 
-def _tap_names(layers: list[Layer]) -> dict[str, str]:
+def tap_names(layers: list[Layer]) -> dict[str, str]:
     """Layer name -> name of its activation input."""
     taps = {}
     for layer in layers:
@@ -208,11 +218,9 @@ class _TapSession:
     ):
         from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-        from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
-
         tapped = model.clone()
         graph = tapped.graph
-        values = _values_by_name(graph)
+        values = values_by_name(graph)
         inputs = {v.name for v in graph.inputs}
         self.n_outputs = len(graph.outputs)
         if taps_only:  # only what the taps depend on runs: the rest of the graph is pruned
@@ -231,19 +239,7 @@ class _TapSession:
         self.session = None
         if not self.output_names:  # every tap is a graph input: nothing to run
             return
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Saved to a file (external data when large): a proto over 2 GiB cannot be serialised.
-        # The folder is named after this process so that the next run removes it if this one
-        # is killed before its cleanup runs.
-        sweep_stale_temp()
-        folder = temp_folder()
-        try:
-            path = Path(folder) / "tapped.onnx"
-            save_model(tapped, path)
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        self.session = open_session(tapped)
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
@@ -256,7 +252,25 @@ class _TapSession:
         return self.session.run(self.output_names[: self.n_outputs], dict(feed))
 
 
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+def open_session(model: ir.Model) -> ort.InferenceSession:
+    """A CPU onnxruntime session of ``model``, through a temporary file: a proto over 2 GiB
+    cannot be serialised, so the model is saved with external data when large. The folder is
+    named after this process, so the next run removes it if this one is killed first."""
+    from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sweep_stale_temp()
+    folder = temp_folder()
+    try:
+        path = Path(folder) / "model.onnx"
+        save_model(model, path)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     values = {v.name: v for v in graph.inputs}
     values.update(graph.initializers)
     for node in graph:

@@ -146,23 +146,36 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vector
     """Gauss-Seidel over the layers in graph order: each layer's inputs are captured from the
     model as it stands (earlier layers already fine-tuned, later ones encoded), then it trains.
 
-    A capture runs only the part of the graph the layer depends on, and only on as many samples
-    as its kept rows need (at least 16), so the cost stays near a few passes over the data.
+    Layers of the main graph get their inputs from one walk through the graph
+    (:mod:`onnxvq.graph_walk`), a pass over the data in total, on as many samples as the layer
+    with the fewest input vectors per sample needs for its kept rows (at least 16). The others
+    (a weight shared by several layers, a layer inside a control-flow body) are captured from
+    the whole model, on the samples they need.
     """
 
     from onnxvq.finetune.layerwise import train_layer
+    from onnxvq.graph_walk import GraphWalk
+
+    def needed(job: WeightJob) -> int:
+        per_sample = max(vectors_per_sample.get(job.name, 1.0), 1e-9)
+        return max(16, math.ceil(2 * settings.max_rows / per_sample))
 
     current = {job.name: job.decode(job.encoded) for job in jobs}
+    walk = GraphWalk(
+        model, train.subset(max(needed(job) for job in jobs)),
+        weights={job.name: job.group[0].weight_array() for job in jobs},
+        max_rows=settings.max_rows, batch_size=settings.batch_size, seed=seed,
+    )
     with progress_bar(total=len(jobs), desc="fine-tuning layers", unit="layer", enabled=progress) as bar:
         for job in jobs:
-            per_sample = max(vectors_per_sample.get(job.name, 1.0), 1e-9)
-            needed = max(16, math.ceil(2 * settings.max_rows / per_sample))
-            others = {name: w for name, w in current.items() if name != job.name}
-            captured = capture_inputs(
-                model, job.group, train.subset(needed), quantized=others or None,
-                max_rows=settings.max_rows, batch_size=settings.batch_size, seed=seed, moments=False,
-            )
-            data: LayerInputs | None = captured.get(job.name)
+            if walk.follows(job.group):
+                data: LayerInputs | None = walk.inputs(job.group, current)
+            else:
+                others = {name: w for name, w in current.items() if name != job.name}
+                data = capture_inputs(
+                    model, job.group, train.subset(needed(job)), quantized=others or None,
+                    max_rows=settings.max_rows, batch_size=settings.batch_size, seed=seed, moments=False,
+                ).get(job.name)
             if data is not None:
                 if data.reference_inputs is None:  # nothing upstream is quantized
                     data = dataclasses.replace(data, reference_inputs=data.inputs)
@@ -181,6 +194,8 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vector
                 current[job.name] = job.decode(modules[job.name].to_encoded())
                 bar.set_postfix(loss=f"{stats['loss_after']:.4g}", refresh=False)
             bar.update()
+    logger.info("layer-wise: %d graph segments run, frontiers up to %.0f MiB", walk.segments_run,
+                walk.frontier_bytes / 2**20)
 
 
 def _quality(model, jobs, samples, reference, rest: dict[str, np.ndarray] | None = None) -> OutputQuality:

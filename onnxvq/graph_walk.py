@@ -1,0 +1,220 @@
+"""Layer inputs in graph order, by walking the graph one segment at a time.
+
+Layer-wise fine-tuning is Gauss-Seidel (:mod:`onnxvq.tuning`): layer ``i`` is trained on the
+inputs ``x_q`` it sees when every earlier layer is already fine-tuned, paired with the inputs
+``x_o`` of the original model at the same positions. Re-running the model from its inputs for
+every layer costs a pass over the data per layer (quadratic in depth); on PP-OCRv6's detector
+those passes were 350 of 417 s.
+
+The walk runs each part of the graph once. Nodes of the main graph are in topological order;
+let ``p_i`` be the position of layer ``i``'s node. The *frontier* ``F(p)`` is every
+data-dependent value produced before position ``p`` (or a graph input) that a node at ``p`` or
+later reads: all the model needs to go on from ``p``. Layer ``i``'s activation is in
+``F(p_i)``. After layer ``i`` is trained, the segment ``[p_i, p_{i+1})`` runs twice per batch,
+from the original frontier with the original weights and from the current frontier with the
+current weights (layer ``i`` trained, later layers encoded), giving both frontiers at
+``p_{i+1}``. Values computed before ``p_i`` never depend on the weights of layers ``>= i``,
+so this equals a full run of the current model, at the cost of one pass over the data in total.
+
+Weights of layers are graph inputs of each segment's session, so one session serves the
+original and the current weights. The frontiers of every calibration batch are held in memory
+(two of them); :attr:`GraphWalk.frontier_bytes` reports their largest size.
+
+Graphs with If/Loop/Scan nodes are not walked (their bodies read outer values the frontier
+would have to track); :meth:`GraphWalk.follows` is False for every layer then, and the caller
+captures from the whole model as before.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxvq import ops
+from onnxvq.activations import Accumulator, LayerInputs, capturable, open_session, tap_names, values_by_name
+from onnxvq.calibration import CalibrationSet
+from onnxvq.candidates import Layer
+
+__all__ = ["GraphWalk"]
+
+# Input bytes per batch, as in onnxvq.activations.capture_inputs.
+_BATCH_BYTES = 16 << 20
+
+
+class GraphWalk:
+    """Captures, layer after layer in graph order, the paired inputs ``(x_q, x_o)``.
+
+    Example::
+
+        walk = GraphWalk(model, calib, weights=[g[0].weight.name for g in groups], max_rows=4096)
+        for group in groups:                     # in graph order
+            data = walk.inputs(group, current)   # current: weight name -> dense weight now
+            ...                                  # train, then update current[...]
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        calib: CalibrationSet,
+        *,
+        weights: Mapping[str, np.ndarray],
+        max_rows: int,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        """``weights``: weight name -> original dense weight, for every weight that may differ
+        between the original and the current model."""
+        self.model = model
+        self.graph = model.graph
+        self.nodes = list(self.graph)
+        self.position = {node: i for i, node in enumerate(self.nodes)}
+        self.original = dict(weights)
+        self.max_rows = max_rows
+        self.seed = seed
+        self.walkable = not any(
+            attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for node in self.nodes
+            for attr in node.attributes.values()
+        )
+        self._last_use, self._dependent = self._uses()
+        self._batches = [feed for _, feed, _ in calib.batches(batch_size, max_bytes=_BATCH_BYTES)]
+        self._at = 0  # the frontiers below are F(self._at)
+        inputs = [v.name for v in self.graph.inputs if not v.is_initializer()]
+        self._frontier_o = [{n: feed[n] for n in inputs if n in feed} for feed in self._batches]
+        self._frontier_q = [dict(f) for f in self._frontier_o]
+        self.frontier_bytes = 0
+        self.segments_run = 0
+
+    def follows(self, group: list[Layer]) -> bool:
+        """Whether the walk can give ``group``'s inputs: one layer of the main graph at or after
+        the walk's position, whose activation is computed from the model's inputs."""
+        if not self.walkable or len(group) != 1 or capturable(group[0], self.model) is not None:
+            return False
+        layer = group[0]
+        tap = layer.node.inputs[_activation_index(layer)]
+        return self.position[layer.node] >= self._at and tap is not None and tap in self._dependent
+
+    def inputs(self, group: list[Layer], current: Mapping[str, np.ndarray]) -> LayerInputs:
+        """``group``'s inputs in the current model (``current``: weight name -> dense weight, for
+        the weights that differ from the original), paired with the original's."""
+        layer = group[0]
+        self._advance(self.position[layer.node], current)
+        tap = tap_names(group)[layer.name]
+        module = ops.op_for_consumer(layer.op_type)
+        attrs = {n: a.value for n, a in layer.consumer_attributes.items()}
+        rng = np.random.default_rng([self.seed, zlib.crc32(layer.weight.name.encode())])
+        per_batch = max(1, -(-self.max_rows // len(self._batches)))
+        accumulator = Accumulator(paired=True, moments=False)
+        for frontier_o, frontier_q in zip(self._frontier_o, self._frontier_q):
+            chosen: list[np.ndarray] = []
+
+            def select(total: int) -> np.ndarray:
+                if not chosen:
+                    n = min(total, per_batch)
+                    chosen.append(np.sort(rng.choice(total, n, replace=False)) if n < total else np.arange(total))
+                return chosen[0]
+
+            x_o = module.input_vectors(frontier_o[tap], layer.weight_shape, attrs, select)
+            x_q = module.input_vectors(frontier_q[tap], layer.weight_shape, attrs, select)
+            accumulator.add(x_q, x_o, np.arange(len(x_q)))
+        return accumulator.result(self.max_rows)
+
+    # -- the walk -------------------------------------------------------------------------------
+
+    def _uses(self) -> tuple[dict[ir.Value, int], set[ir.Value]]:
+        """(value -> last position reading it, values that depend on a graph input)."""
+        dependent = {v for v in self.graph.inputs if not v.is_initializer()}
+        last_use: dict[ir.Value, int] = {}
+        for i, node in enumerate(self.nodes):
+            for value in node.inputs:
+                if value is not None:
+                    last_use[value] = i
+            if any(v in dependent for v in node.inputs if v is not None):
+                dependent.update(node.outputs)
+        return last_use, dependent
+
+    def _frontier(self, position: int) -> list[ir.Value]:
+        """``F(position)``, in the order the values are produced."""
+        before = [v for v in self.graph.inputs if not v.is_initializer()]
+        before += [v for node in self.nodes[:position] for v in node.outputs]
+        return [v for v in before if v in self._dependent and self._last_use.get(v, -1) >= position]
+
+    def _advance(self, to: int, current: Mapping[str, np.ndarray]) -> None:
+        if to == self._at:
+            return
+        if to < self._at:
+            raise ValueError(f"the walk is at node {self._at}; it cannot go back to {to}")
+        start = self._frontier(self._at)
+        end = self._frontier(to)
+        carried = set(start)
+        computed = [v.name for v in end if v not in carried]
+        session, feeds, weights = self._segment(self._at, to, start, computed) if computed else (None, [], [])
+        original = {w: self.original[w] for w in weights}
+        now = {w: np.asarray(current.get(w, self.original[w])) for w in weights}
+        names = [v.name for v in end]
+        for b in range(len(self._batches)):
+            for frontiers, weight_feed in ((self._frontier_o, original), (self._frontier_q, now)):
+                values = frontiers[b]
+                if session is not None:
+                    out = session.run(computed, {**{n: values[n] for n in feeds}, **weight_feed})
+                    values.update(zip(computed, out))
+                frontiers[b] = {n: values[n] for n in names}
+        self._at = to
+        self.segments_run += 1
+        held = sum(a.nbytes for f in (*self._frontier_o, *self._frontier_q) for a in f.values())
+        self.frontier_bytes = max(self.frontier_bytes, held)
+
+    def _segment(self, start: int, end: int, frontier: list[ir.Value], outputs: list[str]):
+        """A session computing ``outputs`` from the frontier values and the layer weights it
+        reads; returns (session, frontier names it reads, weight names it reads)."""
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        clone = self.model.clone()
+        graph = clone.graph
+        values = values_by_name(graph)
+        sample = self._frontier_o[0]
+        cut = [v.name for v in frontier if not _is_graph_input(values[v.name])]
+        graph.inputs.clear()
+        for name in [v.name for v in frontier]:
+            if name in cut:
+                dtype = ir.DataType.from_numpy(sample[name].dtype)
+                _make_input(graph, values[name], ir.TensorType(dtype))
+            else:
+                graph.inputs.append(values[name])
+        for name in self.original:
+            if name in values and values[name].uses():
+                weight = values[name]
+                _make_input(graph, weight, weight.type or ir.TensorType(ir.DataType.from_numpy(self.original[name].dtype)))
+        graph.outputs.clear()
+        graph.outputs.extend(values_by_name(graph)[name] for name in outputs)
+        RemoveUnusedNodesPass()(clone)
+        used = [v for v in graph.inputs if v.uses() or v in graph.outputs]
+        graph.inputs.clear()
+        graph.inputs.extend(used)
+        names = [v.name for v in used]
+        return open_session(clone), [n for n in names if n not in self.original], [n for n in names if n in self.original]
+
+
+def _activation_index(layer: Layer) -> int:
+    return 1 - layer.weight_index if layer.op_type == "MatMul" else 0
+
+
+def _is_graph_input(value: ir.Value) -> bool:
+    return value.is_graph_input() and not value.is_initializer()
+
+
+def _make_input(graph: ir.Graph, value: ir.Value, type_: ir.TypeProtocol) -> None:
+    """Replace ``value`` (a node's output, an initializer or a Constant's output) by a graph
+    input of the same name, so a session reads it from its feed."""
+    name = value.name
+    if value.is_initializer():
+        graph.initializers.pop(name)
+    # The clone shares its tensors with the model, and renaming a value renames its tensor.
+    value.const_value = None
+    value.name = f"{name}.__walk_replaced"
+    replacement = ir.Value(name=name, type=type_)
+    value.replace_all_uses_with(replacement, replace_graph_outputs=True)
+    graph.inputs.append(replacement)
