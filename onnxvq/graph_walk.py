@@ -17,8 +17,10 @@ current weights (layer ``i`` trained, later layers encoded), giving both frontie
 so this equals a full run of the current model, at the cost of one pass over the data in total.
 
 Weights of layers are graph inputs of each segment's session, so one session serves the
-original and the current weights. The frontiers of every calibration batch are held in memory
-(two of them); :attr:`GraphWalk.frontier_bytes` reports their largest size.
+original and the current weights. The frontiers of every calibration batch are held in memory,
+two of them, within :data:`FRONTIER_BYTES`: where a frontier grows past it (a wide feature map
+early in a detector), the walk goes on with the first batches only, and every later layer sees
+those. :attr:`GraphWalk.frontier_bytes` reports the largest size held.
 
 Graphs with If/Loop/Scan nodes are not walked (their bodies read outer values the frontier
 would have to track); :meth:`GraphWalk.follows` is False for every layer then, and the caller
@@ -38,10 +40,13 @@ from onnxvq.activations import Accumulator, LayerInputs, capturable, open_sessio
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer
 
-__all__ = ["GraphWalk"]
+__all__ = ["FRONTIER_BYTES", "GraphWalk"]
 
 # Input bytes per batch, as in onnxvq.activations.capture_inputs.
 _BATCH_BYTES = 16 << 20
+# What the two frontiers may hold. PP-OCRv6's detector needs 17 MiB per 576x640 image at its
+# widest point (both frontiers): 30 images.
+FRONTIER_BYTES = 512 << 20
 
 
 class GraphWalk:
@@ -64,9 +69,11 @@ class GraphWalk:
         max_rows: int,
         batch_size: int,
         seed: int,
+        max_bytes: int = FRONTIER_BYTES,
     ) -> None:
         """``weights``: weight name -> original dense weight, for every weight that may differ
-        between the original and the current model."""
+        between the original and the current model. ``max_bytes``: the most the two frontiers
+        may hold; past it the last batches are dropped (for every later layer too)."""
         self.model = model
         self.graph = model.graph
         self.nodes = list(self.graph)
@@ -80,12 +87,15 @@ class GraphWalk:
             for attr in node.attributes.values()
         )
         self._last_use, self._dependent = self._uses()
-        self._batches = [feed for _, feed, _ in calib.batches(batch_size, max_bytes=_BATCH_BYTES)]
+        self.max_bytes = max_bytes
         self._at = 0  # the frontiers below are F(self._at)
         inputs = [v.name for v in self.graph.inputs if not v.is_initializer()]
-        self._frontier_o = [{n: feed[n] for n in inputs if n in feed} for feed in self._batches]
+        self._frontier_o = [
+            {n: feed[n] for n in inputs if n in feed} for _, feed, _ in calib.batches(batch_size, max_bytes=_BATCH_BYTES)
+        ]
         self._frontier_q = [dict(f) for f in self._frontier_o]
         self.frontier_bytes = 0
+        self.batches_dropped = 0
         self.segments_run = 0
 
     def follows(self, group: list[Layer]) -> bool:
@@ -106,7 +116,7 @@ class GraphWalk:
         module = ops.op_for_consumer(layer.op_type)
         attrs = {n: a.value for n, a in layer.consumer_attributes.items()}
         rng = np.random.default_rng([self.seed, zlib.crc32(layer.weight.name.encode())])
-        per_batch = max(1, -(-self.max_rows // len(self._batches)))
+        per_batch = max(1, -(-self.max_rows // len(self._frontier_o)))
         accumulator = Accumulator(paired=True, moments=False)
         for frontier_o, frontier_q in zip(self._frontier_o, self._frontier_q):
             chosen: list[np.ndarray] = []
@@ -155,16 +165,21 @@ class GraphWalk:
         original = {w: self.original[w] for w in weights}
         now = {w: np.asarray(current.get(w, self.original[w])) for w in weights}
         names = [v.name for v in end]
-        for b in range(len(self._batches)):
+        held = 0
+        for b in range(len(self._frontier_o)):
+            if b and held > self.max_bytes * b / (b + 1):  # one more batch would not fit
+                self.batches_dropped += len(self._frontier_o) - b
+                del self._frontier_o[b:], self._frontier_q[b:]
+                break
             for frontiers, weight_feed in ((self._frontier_o, original), (self._frontier_q, now)):
                 values = frontiers[b]
                 if session is not None:
                     out = session.run(computed, {**{n: values[n] for n in feeds}, **weight_feed})
                     values.update(zip(computed, out))
                 frontiers[b] = {n: values[n] for n in names}
+                held += sum(a.nbytes for a in frontiers[b].values())
         self._at = to
         self.segments_run += 1
-        held = sum(a.nbytes for f in (*self._frontier_o, *self._frontier_q) for a in f.values())
         self.frontier_bytes = max(self.frontier_bytes, held)
 
     def _segment(self, start: int, end: int, frontier: list[ir.Value], outputs: list[str]):

@@ -121,3 +121,19 @@ def test_graphs_with_control_flow_are_not_walked():
     layers, _ = find_layers(model)
     walk = GraphWalk(model, calib, weights={"w": layers[0].weight_array()}, max_rows=8, batch_size=4, seed=0)
     assert not walk.follows(layers)
+
+
+def test_frontiers_past_the_byte_budget_keep_the_first_batches():
+    model = ir.serde.deserialize_model(cnn())
+    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 3, 16, 16)).astype(np.float32)} for i in range(6)]
+    calib = load_calibration(feeds, model)
+    layers, _ = find_layers(model)
+    originals = {l.weight.name: l.weight_array() for l in layers}
+    # 6 batches of one sample (2 rows); at conv2 the frontier is relu1's (2, 32, 16, 16) float32,
+    # 64 KiB per batch, twice (original and current): 2 batches fit in 300 KiB
+    walk = GraphWalk(model, calib, weights=originals, max_rows=10**6, batch_size=2, seed=0, max_bytes=300 << 10)
+    first = walk.inputs([layers[0]], originals)
+    assert first.count == 6 * 2 * 16 * 16 and walk.batches_dropped == 0
+    second = walk.inputs([layers[1]], originals)
+    assert walk.batches_dropped == 4 and second.count == 2 * 2 * 8 * 8  # stride 2: 8 x 8 positions
+    assert walk.frontier_bytes <= 300 << 10
