@@ -18,7 +18,9 @@ so this equals a full run of the current model, at the cost of one pass over the
 
 Weights of layers are graph inputs of each segment's session, so one session serves the
 original and the current weights. The frontiers of every calibration batch are held in memory,
-two of them, within :data:`FRONTIER_BYTES`: where a frontier grows past it (a wide feature map
+two of them, within :data:`FRONTIER_BYTES` (float32 values held as float16 where they fit:
+the walk's inputs then differ from a full run's by the rounding of one float16 per value, far
+below what quantization changes): where a frontier grows past the budget (a wide feature map
 early in a detector), the walk goes on with the first batches only, and every later layer sees
 those. :attr:`GraphWalk.frontier_bytes` reports the largest size held.
 
@@ -44,9 +46,11 @@ __all__ = ["FRONTIER_BYTES", "GraphWalk"]
 
 # Input bytes per batch, as in onnxvq.activations.capture_inputs.
 _BATCH_BYTES = 16 << 20
-# What the two frontiers may hold. PP-OCRv6's detector needs 17 MiB per 576x640 image at its
-# widest point (both frontiers): 30 images.
-FRONTIER_BYTES = 512 << 20
+# What the two frontiers may hold. PP-OCRv6's detector needs 8.4 MiB per 576x640 image at its
+# widest point (both frontiers, in float16): 30 images.
+FRONTIER_BYTES = 256 << 20
+# Values held as float16 stay below its largest finite value with room for rounding.
+_HALF_MAX = 60000.0
 
 
 class GraphWalk:
@@ -70,10 +74,12 @@ class GraphWalk:
         batch_size: int,
         seed: int,
         max_bytes: int = FRONTIER_BYTES,
+        half: bool = True,
     ) -> None:
         """``weights``: weight name -> original dense weight, for every weight that may differ
         between the original and the current model. ``max_bytes``: the most the two frontiers
-        may hold; past it the last batches are dropped (for every later layer too)."""
+        may hold; past it the last batches are dropped (for every later layer too). ``half``:
+        float32 activations are held as float16 where they fit its range."""
         self.model = model
         self.graph = model.graph
         self.nodes = list(self.graph)
@@ -88,6 +94,8 @@ class GraphWalk:
         )
         self._last_use, self._dependent = self._uses()
         self.max_bytes = max_bytes
+        self.half = half
+        self._dtypes: dict[str, np.dtype] = {}  # what each held value is in the model
         self._at = 0  # the frontiers below are F(self._at)
         inputs = [v.name for v in self.graph.inputs if not v.is_initializer()]
         self._frontier_o = [
@@ -127,8 +135,8 @@ class GraphWalk:
                     chosen.append(np.sort(rng.choice(total, n, replace=False)) if n < total else np.arange(total))
                 return chosen[0]
 
-            x_o = module.input_vectors(frontier_o[tap], layer.weight_shape, attrs, select)
-            x_q = module.input_vectors(frontier_q[tap], layer.weight_shape, attrs, select)
+            x_o = module.input_vectors(self._unpacked(frontier_o, tap), layer.weight_shape, attrs, select)
+            x_q = module.input_vectors(self._unpacked(frontier_q, tap), layer.weight_shape, attrs, select)
             accumulator.add(x_q, x_o, np.arange(len(x_q)))
         return accumulator.result(self.max_rows)
 
@@ -174,8 +182,8 @@ class GraphWalk:
             for frontiers, weight_feed in ((self._frontier_o, original), (self._frontier_q, now)):
                 values = frontiers[b]
                 if session is not None:
-                    out = session.run(computed, {**{n: values[n] for n in feeds}, **weight_feed})
-                    values.update(zip(computed, out))
+                    out = session.run(computed, {**{n: self._unpacked(values, n) for n in feeds}, **weight_feed})
+                    values.update((n, self._packed(n, a)) for n, a in zip(computed, out))
                 frontiers[b] = {n: values[n] for n in names}
                 held += sum(a.nbytes for a in frontiers[b].values())
         self._at = to
@@ -190,12 +198,11 @@ class GraphWalk:
         clone = self.model.clone()
         graph = clone.graph
         values = values_by_name(graph)
-        sample = self._frontier_o[0]
         cut = [v.name for v in frontier if not _is_graph_input(values[v.name])]
         graph.inputs.clear()
         for name in [v.name for v in frontier]:
             if name in cut:
-                dtype = ir.DataType.from_numpy(sample[name].dtype)
+                dtype = ir.DataType.from_numpy(self._dtypes.get(name, self._frontier_o[0][name].dtype))
                 _make_input(graph, values[name], ir.TensorType(dtype))
             else:
                 graph.inputs.append(values[name])
@@ -211,6 +218,20 @@ class GraphWalk:
         graph.inputs.extend(used)
         names = [v.name for v in used]
         return open_session(clone), [n for n in names if n not in self.original], [n for n in names if n in self.original]
+
+
+    def _packed(self, name: str, array: np.ndarray) -> np.ndarray:
+        """How a computed value is held: float32 as float16 when every entry fits (an error of
+        at most 2^-11 relative, far below any quantization's; both frontiers alike)."""
+        self._dtypes[name] = array.dtype
+        if self.half and array.dtype == np.float32 and array.size and float(np.abs(array).max()) < _HALF_MAX:
+            return array.astype(np.float16)
+        return array
+
+    def _unpacked(self, values: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+        array = values[name]
+        dtype = self._dtypes.get(name, array.dtype)
+        return array if array.dtype == dtype else array.astype(dtype)
 
 
 def _activation_index(layer: Layer) -> int:
