@@ -58,10 +58,12 @@ class GraphWalk:
 
     Example::
 
-        walk = GraphWalk(model, calib, weights=[g[0].weight.name for g in groups], max_rows=4096)
-        for group in groups:                     # in graph order
-            data = walk.inputs(group, current)   # current: weight name -> dense weight now
-            ...                                  # train, then update current[...]
+        original = {g[0].weight.name: g[0].weight_array() for g in groups}
+        walk = GraphWalk(model, calib, weights=original, max_rows=4096, batch_size=32, seed=0)
+        for group in groups:                         # one layer each, in graph order
+            if walk.follows(group):
+                data = walk.inputs(group, current)   # current: weight name -> dense weight now
+                ...                                  # train, then update current[...]
     """
 
     def __init__(
@@ -169,7 +171,7 @@ class GraphWalk:
         end = self._frontier(to)
         carried = set(start)
         computed = [v.name for v in end if v not in carried]
-        session, feeds, weights = self._segment(self._at, to, start, computed) if computed else (None, [], [])
+        session, feeds, weights = self._segment(start, computed) if computed else (None, [], [])
         original = {w: self.original[w] for w in weights}
         now = {w: np.asarray(current.get(w, self.original[w])) for w in weights}
         names = [v.name for v in end]
@@ -190,7 +192,7 @@ class GraphWalk:
         self.segments_run += 1
         self.frontier_bytes = max(self.frontier_bytes, held)
 
-    def _segment(self, start: int, end: int, frontier: list[ir.Value], outputs: list[str]):
+    def _segment(self, frontier: list[ir.Value], outputs: list[str]):
         """A session computing ``outputs`` from the frontier values and the layer weights it
         reads; returns (session, frontier names it reads, weight names it reads)."""
         from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -218,7 +220,6 @@ class GraphWalk:
         graph.inputs.extend(used)
         names = [v.name for v in used]
         return open_session(clone), [n for n in names if n not in self.original], [n for n in names if n in self.original]
-
 
     def _packed(self, name: str, array: np.ndarray) -> np.ndarray:
         """How a computed value is held: float32 as float16 when every entry fits (an error of
