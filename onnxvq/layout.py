@@ -25,6 +25,12 @@ When ``d`` does not divide ``cols``, the last subvector of every row has only
 
 Decoding needs only ``weight_shape`` and ``transposed`` (``rows`` is the codes' first axis), so
 those two are what a VQ node records.
+
+Recurrent ops (LSTM, GRU, RNN) have two weights that feed the same gate units: ``W`` (D, G*H, I)
+multiplies the input ``x_t`` and ``R`` (D, G*H, H) the previous hidden state. They are encoded as
+one weight, ``V = concat(W, R, axis=-1)`` (D, G*H, I + H), with two row axes: a row is one gate
+unit of one direction and dots with ``[x_t; h_{t-1}]`` (:func:`join_recurrent`,
+:func:`split_recurrent`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import math
 
 import numpy as np
 
-__all__ = ["WeightLayout", "matrix_to_weight", "subvectors_to_matrix"]
+__all__ = ["WeightLayout", "join_recurrent", "matrix_to_weight", "split_recurrent", "subvectors_to_matrix"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +138,17 @@ def matrix_to_weight(matrix, weight_shape, transposed: bool):
     if transposed:
         return matrix.reshape(_swap_last_two(weight_shape)).swapaxes(-1, -2)
     return matrix.reshape(weight_shape)
+
+
+def join_recurrent(w: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """A recurrent op's ``W`` (D, G*H, I) and ``R`` (D, G*H, H) as one weight (D, G*H, I+H)."""
+    return np.concatenate([w, r], axis=-1)
+
+
+def split_recurrent(joined, hidden: int):
+    """The inverse of :func:`join_recurrent`: ``(W, R)``, ``R`` the last ``hidden`` columns."""
+    width = joined.shape[-1]
+    return joined[..., : width - hidden], joined[..., width - hidden :]
 
 
 def _swap_last_two(shape) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from types import ModuleType
 import onnx
 import onnx.inliner
 
-from onnxvq.ops import vq_conv, vq_gemm, vq_matmul, vq_weight
+from onnxvq.ops import vq_conv, vq_gemm, vq_matmul, vq_recurrent, vq_weight
 from onnxvq.ops.vq_weight import DOMAIN, MIN_OPSET, VERSION, Variant
 
 __all__ = [
@@ -34,9 +34,13 @@ __all__ = [
     "op_for_consumer",
     "op_module",
     "reference_ops",
+    "RECURRENT",
 ]
 
-_BY_CONSUMER: dict[str, ModuleType] = {m.CONSUMER: m for m in (vq_conv, vq_gemm, vq_matmul)}
+# An op module, or an object with its interface (the three recurrent forms share one module).
+_BY_CONSUMER: dict[str, ModuleType] = {
+    m.CONSUMER: m for m in (vq_conv, vq_gemm, vq_matmul, vq_recurrent.LSTM, vq_recurrent.GRU, vq_recurrent.RNN)
+}
 _BY_OP_TYPE: dict[str, ModuleType] = {m.OP_TYPE: m for m in _BY_CONSUMER.values()}
 
 
@@ -59,9 +63,14 @@ def consumers() -> tuple[str, ...]:
     return tuple(_BY_CONSUMER)
 
 
+RECURRENT = ("LSTM", "GRU", "RNN")
+"""Consumers whose encoded weight joins two inputs, ``W`` and ``R`` (``onnxvq.layout``)."""
+
+
 def reference_ops() -> list[type]:
     """``OpRun`` classes for ``onnx.reference.ReferenceEvaluator(model, new_ops=...)``."""
-    return [vq_conv.VQConv, vq_gemm.VQGemm, vq_matmul.VQMatMul]
+    recurrent = [op.reference_op() for op in (vq_recurrent.LSTM, vq_recurrent.GRU, vq_recurrent.RNN)]
+    return [vq_conv.VQConv, vq_gemm.VQGemm, vq_matmul.VQMatMul, *recurrent]
 
 
 def inline_bodies(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -304,10 +304,11 @@ def make_function(
     inputs: list[str],
     attributes: list[str],
     consumer: str,
+    outputs=("Y",),
 ) -> onnx.FunctionProto:
     """The model-local function of ``op_type`` for ``variant``: decode ``w``, then ``consumer``.
 
-    ``consumer`` is the final statement in ONNX text format, computing ``Y`` from ``w``;
+    ``consumer`` is the final statement(s) in ONNX text format, computing ``outputs`` from ``w``;
     ``attributes`` lists the op's own attributes (the VQ ones are added).
     """
     if opset < MIN_OPSET:
@@ -316,7 +317,7 @@ def make_function(
     body = decode_body(variant) + [consumer]
     text = (
         f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
-        f"{op_type} <{', '.join(attributes)}> ({', '.join(inputs)}) => (Y) {{\n  "
+        f"{op_type} <{', '.join(attributes)}> ({', '.join(inputs)}) => ({', '.join(outputs)}) {{\n  "
         + "\n  ".join(body)
         + "\n}"
     )
