@@ -18,8 +18,9 @@ drawn (at random, seeded) to accumulate the moments, and at most ``max_rows`` ve
 are kept for layer-wise training. Moments are float64 ``cols x cols``; over ``FULL_MOMENT_COLS``
 columns only their diagonal is kept.
 
-Layers that cannot be captured (inside an If/Loop/Scan body, or a batched MatMul weight whose
-inputs differ per batch entry) are absent from the result; they are encoded from weights alone.
+Layers that cannot be captured (inside an If/Loop/Scan body, a batched MatMul weight whose
+inputs differ per batch entry, or a recurrent op) are absent from the result; they are encoded
+from weights alone.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import onnxruntime as ort
 
 from onnxvq import ops
 from onnxvq.calibration import CalibrationSet
-from onnxvq.candidates import Layer
+from onnxvq.candidates import Layer, weight_feeds
 
 __all__ = [
     "FULL_MOMENT_COLS",
@@ -80,6 +81,8 @@ def capturable(layer: Layer, model: ir.Model) -> str | None:
     """Why ``layer``'s inputs cannot be captured, or None when they can."""
     if layer.node.graph is not model.graph:
         return "inside a control-flow body"
+    if layer.op_type in ops.RECURRENT:
+        return "a recurrent op (what its gates read is not captured yet)"
     if layer.op_type == "MatMul" and len(layer.weight_shape) != 2:
         return "batched MatMul weight"
     return None
@@ -232,7 +235,8 @@ class _TapSession:
                 graph.outputs.append(values[name])
                 outputs.add(name)
         for name, array in (quantized or {}).items():
-            _swap_weight(values[name], array)
+            for value, part in weight_feeds(values[name], array):
+                _swap_weight(value, part)
         if taps_only:
             RemoveUnusedNodesPass()(tapped)
         self.output_names = [v.name for v in graph.outputs]

@@ -1,10 +1,11 @@
 """Which nodes of a model can be compressed, and why the others are left alone.
 
-A *layer* is a Conv, Gemm or MatMul node (in the main graph or any If/Loop/Scan body) whose
-weight is a constant: an initializer that is not also a graph input, or the output of a
-``Constant`` node (older exporters store weights that way). The weight is Conv's W, Gemm's B, or
-either MatMul operand when the other is not constant. Layers that share one weight are encoded
-once (see :func:`group_by_weight`).
+A *layer* is a Conv, Gemm, MatMul, LSTM, GRU or RNN node (in the main graph or any If/Loop/Scan
+body) whose weight is a constant: an initializer that is not also a graph input, or the output of
+a ``Constant`` node (older exporters store weights that way). The weight is Conv's W, Gemm's B,
+either MatMul operand when the other is not constant, or a recurrent op's W and R together (both
+constant, joined as in :mod:`onnxvq.layout`; :attr:`Layer.parts` names the two). Layers that
+share one weight are encoded once (see :func:`group_by_weight`).
 
 Layer names are what configs and ``--skip`` refer to: the node's name, or, for unnamed or
 duplicate node names, ``<op_type>:<weight name>``.
@@ -20,8 +21,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxvq import ops
+from onnxvq.layout import join_recurrent, split_recurrent
 
-__all__ = ["Layer", "LeftAlone", "constant_tensor", "find_layers", "group_by_weight", "iter_nodes"]
+__all__ = ["Layer", "LeftAlone", "constant_tensor", "find_layers", "group_by_weight", "iter_nodes", "weight_feeds"]
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
@@ -35,6 +37,8 @@ class Layer:
     weight: ir.Value
     weight_index: int  # which input of the node is the weight
     tensor: ir.TensorProtocol
+    # A recurrent op's (W, R), joined in ``tensor``; empty for every other consumer.
+    parts: tuple[ir.Value, ...] = ()
 
     @property
     def op_type(self) -> str:
@@ -75,6 +79,26 @@ class Layer:
     def weight_array(self) -> np.ndarray:
         return self.tensor.numpy()
 
+    def feeds(self, array: np.ndarray) -> list[tuple[ir.Value, np.ndarray]]:
+        """The graph values that hold a dense ``array`` of this layer's weight, with their parts."""
+        return weight_feeds(self.weight, array)
+
+
+def weight_feeds(weight: ir.Value, array: np.ndarray) -> list[tuple[ir.Value, np.ndarray]]:
+    """Where a dense weight goes in a graph: ``[(weight, array)]``, or, for the joined weight of a
+    recurrent op (``weight`` is its W, ``array`` is W and R joined), ``[(W, w), (R, r)]``.
+
+    Works on any graph holding the value (a clone's too), so every place that swaps weights into
+    a model (captures, sensitivity, the graph walk) splits them the same way.
+    """
+    for node, index in weight.uses():
+        if node.domain == "" and node.op_type in ops.RECURRENT and index == 1:
+            recurrence = node.inputs[2]
+            if array.shape[-1] != _shape(weight)[-1]:  # W and R joined
+                w, r = split_recurrent(array, _shape(recurrence)[-1])
+                return [(weight, np.ascontiguousarray(w)), (recurrence, np.ascontiguousarray(r))]
+    return [(weight, array)]
+
 
 @dataclasses.dataclass(frozen=True)
 class LeftAlone:
@@ -103,8 +127,8 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[LeftAlone]]:
         if isinstance(weight, str):
             left_alone.append(LeftAlone(names[node], node.op_type, weight))
             continue
-        index, tensor = weight
-        layers.append(Layer(names[node], node, node.inputs[index], index, tensor))
+        index, tensor, parts = weight
+        layers.append(Layer(names[node], node, node.inputs[index], index, tensor, parts))
 
     for function in model.functions.values():
         if function.domain == ops.DOMAIN:  # our own decode bodies
@@ -132,9 +156,11 @@ def group_by_weight(layers: list[Layer]) -> dict[ir.Value, list[Layer]]:
     return groups
 
 
-def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol] | str:
-    """(input index, tensor) of the node's constant weight, or why there is none."""
+def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | str:
+    """(input index, tensor, parts) of the node's constant weight, or why there is none."""
     inputs = list(node.inputs)
+    if node.op_type in ops.RECURRENT:
+        return _recurrent_weight(node)
     if node.op_type in ("Conv", "Gemm"):
         slots = [1]
     else:  # MatMul: either side, when only that side is constant
@@ -156,11 +182,33 @@ def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol] | str:
             return f"weight of rank {len(tensor.shape)} (a vector has no output channels)"
         if math.prod(tensor.shape) == 0:
             return "empty weight"
-        return slot, tensor
+        return slot, tensor, ()
     value = inputs[slots[0]] if len(inputs) > slots[0] else None
     if value is not None and value.is_graph_input() and value.is_initializer():
         return "the weight initializer is also a graph input (it can be overridden at run time)"
     return "the weight is not a constant (computed at run time)"
+
+
+def _recurrent_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | str:
+    """A recurrent op's W and R joined (``onnxvq.layout``), or why they cannot be."""
+    inputs = list(node.inputs) + [None] * 3
+    w_value, r_value = inputs[1], inputs[2]
+    w, r = constant_tensor(w_value), constant_tensor(r_value)
+    if w is None or r is None:
+        return f"{node.op_type} weights W and R are not both constants (computed at run time)"
+    if any(v.is_graph_output() for v in (w_value, r_value)):
+        return "the weight is also a graph output"
+    if w.dtype not in _FLOAT_TYPES or r.dtype != w.dtype:
+        return f"weight dtypes {w.dtype.name}/{r.dtype.name} are not one floating-point type (already quantized?)"
+    if len(w.shape) != 3 or len(r.shape) != 3 or tuple(w.shape)[:2] != tuple(r.shape)[:2] or math.prod(w.shape) == 0:
+        return f"W {tuple(w.shape)} and R {tuple(r.shape)} are not (directions, gates x hidden, size) weights"
+    joined = join_recurrent(w.numpy(), r.numpy())
+    return 1, ir.tensor(joined, name=w_value.name), (w_value, r_value)
+
+
+def _shape(value: ir.Value) -> tuple[int, ...]:
+    shape = value.shape if value.shape is not None else constant_tensor(value).shape
+    return tuple(int(d) for d in shape)
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
@@ -189,9 +237,13 @@ def _check_shared_weights(layers: list[Layer]) -> tuple[list[Layer], dict[Layer,
         others = [
             node for node, _ in weight.uses() if id(node) not in layer_nodes
         ]
+        parts = {part for l in group for part in l.parts[1:]}
+        others += [node for part in parts for node, _ in part.uses() if id(node) not in layer_nodes]
         if others:
             other = others[0]
             why = f"its weight {weight.name!r} is also read by {other.op_type} node {other.name!r}"
+        elif len(parts) > 1:
+            why = f"recurrent layers share the weight {weight.name!r} but not their recurrence weights"
         elif len({l.view() for l in group}) > 1:
             names = ", ".join(repr(l.name) for l in group)
             why = f"layers {names} read the shared weight {weight.name!r} in different layouts"

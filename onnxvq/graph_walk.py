@@ -40,7 +40,7 @@ import onnx_ir as ir
 from onnxvq import ops
 from onnxvq.activations import Accumulator, LayerInputs, capturable, open_session, tap_names, values_by_name
 from onnxvq.calibration import CalibrationSet
-from onnxvq.candidates import Layer
+from onnxvq.candidates import Layer, weight_feeds
 
 __all__ = ["FRONTIER_BYTES", "GraphWalk"]
 
@@ -86,7 +86,8 @@ class GraphWalk:
         self.graph = model.graph
         self.nodes = list(self.graph)
         self.position = {node: i for i, node in enumerate(self.nodes)}
-        self.original = dict(weights)
+        self._values = values_by_name(self.graph)
+        self.original = self._parts(weights)  # value name -> original array, W and R apart
         self.max_rows = max_rows
         self.seed = seed
         self.walkable = not any(
@@ -173,7 +174,8 @@ class GraphWalk:
         computed = [v.name for v in end if v not in carried]
         session, feeds, weights = self._segment(start, computed) if computed else (None, [], [])
         original = {w: self.original[w] for w in weights}
-        now = {w: np.asarray(current.get(w, self.original[w])) for w in weights}
+        current_parts = self._parts({name: a for name, a in current.items() if name in self._values})
+        now = {w: np.asarray(current_parts.get(w, self.original[w])) for w in weights}
         names = [v.name for v in end]
         held = 0
         for b in range(len(self._frontier_o)):
@@ -220,6 +222,12 @@ class GraphWalk:
         graph.inputs.extend(used)
         names = [v.name for v in used]
         return open_session(clone), [n for n in names if n not in self.original], [n for n in names if n in self.original]
+
+    def _parts(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Weight name -> array, as the graph's values hold them (a recurrent op's W and R)."""
+        return {
+            value.name: part for name, array in weights.items() for value, part in weight_feeds(self._values[name], array)
+        }
 
     def _packed(self, name: str, array: np.ndarray) -> np.ndarray:
         """How a computed value is held: float32 as float16 when every entry fits (an error of

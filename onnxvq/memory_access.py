@@ -15,13 +15,15 @@ MACs (multiply-accumulates)
     prod(kernel)``, i.e. ``numel(X) * prod(W.shape[1:])`` with W (I, O/group, k1, .., kn) (taps
     that ``pads`` crop off are computed, so counted). Gemm: ``M * N * K`` (K from A and
     ``transA``). MatMul: ``prod(batch) * M * N * K`` with numpy broadcasting, i.e. ``numel(Y) *
-    K``. The ``ai.onnxvq`` ops count the MACs of the op they stand for (their ``weight_shape``
+    K``. LSTM/GRU/RNN: ``seq * batch * D * G*H * (I + H)``, W and R applied at every step
+    (element-wise gate math not counted). The ``ai.onnxvq`` ops count the MACs of the op they stand for (their ``weight_shape``
     attribute gives the weight); the decode gathers are table look-ups, not MACs, and are not
     counted. Every other op: 0 MACs (its traffic still counts).
 
 Weight bytes (what a node fetches that is not an activation)
     Every input that is a constant (an initializer that is not a graph input, or a ``Constant``
-    node's output) at its stored dtype and shape. Kinds: ``dense`` (the W of Conv/Gemm/MatMul),
+    node's output) at its stored dtype and shape. Kinds: ``dense`` (the W of Conv/Gemm/MatMul, W
+    and R of LSTM/GRU/RNN),
     ``codes`` (packed bytes as stored, e.g. two 4-bit codes per byte), ``codebook``, ``bias``
     (Conv's B, Gemm's C, a VQ op's bias) and ``other`` (every other constant: LayerNorm scales,
     an Add's bias, Reshape's shape, sign bits or low-rank factors of future VQ variants). A tensor
@@ -99,7 +101,7 @@ __all__ = ["NodeTraffic", "Traffic", "WEIGHT_KINDS", "analyze", "parse_input_sha
 
 WEIGHT_KINDS = ("dense", "codes", "codebook", "bias", "other")
 WEIGHT_FORMATS = ("as_stored", "int8")
-_MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", *ops.RECURRENT}
 # Ops that read only their input's shape, never its data.
 _METADATA_ONLY = {"Shape", "Size"}
 # Ops whose first output is always their first input relabelled (module docstring, aliases);
@@ -342,9 +344,9 @@ def _weight_kind(node: ir.Node, slot: int) -> str:
                  "signs": "codes", "B": "bias", "C": "bias"}
         return kinds.get(_input_name(node, slot), "other")
     if node.domain == "" and node.op_type in _MAC_OPS:
-        if node.op_type == "MatMul" or slot < 2:
+        if node.op_type == "MatMul" or slot < 2 or (node.op_type in ops.RECURRENT and slot == 2):
             return "dense"
-        return "bias"
+        return "bias" if slot < 4 else "other"
     return "other"
 
 
@@ -369,6 +371,9 @@ def _vq_weight_shape(node: ir.Node) -> tuple[int, ...]:
 
 
 def _macs(node: ir.Node, shapes: dict) -> int:
+    consumer = ops.op_module(node.op_type).CONSUMER if node.domain == ops.DOMAIN and _is_vq_op(node) else node.op_type
+    if consumer in ops.RECURRENT:
+        return _recurrent_macs(node, shapes)
     out = node.outputs[0].name
     numel_out = math.prod(shapes[out][0])
     op = node.op_type
@@ -398,6 +403,17 @@ def _macs(node: ir.Node, shapes: dict) -> int:
     else:
         left = first
     return numel_out * int(left[-1])
+
+
+def _recurrent_macs(node: ir.Node, shapes: dict) -> int:
+    """LSTM/GRU/RNN: every step of every sequence multiplies ``[x_t; h_{t-1}]`` by each
+    direction's gate rows: seq x batch x D x G*H x (I + H) (the joined weight's size)."""
+    first = _shape_of(node.inputs[0], shapes)
+    if node.domain == ops.DOMAIN:
+        weight_size = math.prod(_vq_weight_shape(node))
+    else:
+        weight_size = sum(math.prod(_shape_of(node.inputs[i], shapes)) for i in (1, 2))
+    return math.prod(first[:2]) * weight_size
 
 
 def _shape_of(value: ir.Value, shapes: dict) -> tuple[int, ...]:

@@ -41,7 +41,8 @@ class OutputSensitivity:
 
         from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
 
-        names = {layer.weight.name for layer in layers}
+        # every value a layer's weight is fed through (a recurrent op's W and R)
+        names = {value.name for layer in layers for value in (layer.parts or (layer.weight,))}
         copy = model.clone()
         # Weights held in Constant nodes (paddle2onnx writes them so) become initializers, which
         # a feed can override; in this measuring copy only.
@@ -85,7 +86,7 @@ class OutputSensitivity:
 
     def joint_error(self, weights: Mapping[Layer, np.ndarray]) -> float | None:
         """Output error with every layer's weight in ``weights`` replaced at once."""
-        names = {layer.weight.name: weight for layer, weight in weights.items()}
+        names = {value.name: part for layer, weight in weights.items() for value, part in layer.feeds(weight)}
         classes = any(output.axis is not None for output in self.outputs)
         if not names or not set(names) <= self.overridable or (self.signal <= 0 and not classes):
             return None

@@ -50,10 +50,17 @@ def unique_name(name: str, taken: set[str]) -> str:
 
 
 def replace_node(
-    old: ir.Node, domain: str, op_type: str, inputs: list, attributes: list[ir.Attr], overload: str = ""
+    old: ir.Node,
+    domain: str,
+    op_type: str,
+    inputs: list,
+    attributes: list[ir.Attr],
+    overload: str = "",
+    num_outputs: int | None = None,
 ) -> ir.Node:
-    """Put a one-output node in ``old``'s place, keeping its name, doc string, metadata and output
-    value (name, type, shape, graph-output role)."""
+    """Put a node in ``old``'s place, keeping its name, doc string, metadata and output values
+    (name, type, shape, graph-output role). ``num_outputs`` (default: as many as ``old``) may be
+    more than ``old`` has: the extra outputs are new, unused values."""
     new = ir.Node(
         domain,
         op_type,
@@ -63,9 +70,9 @@ def replace_node(
         name=old.name,
         doc_string=old.doc_string,
         metadata_props=dict(old.metadata_props),
-        num_outputs=1,
+        num_outputs=num_outputs or len(old.outputs),
     )
     ir.convenience.replace_nodes_and_values(
-        old.graph, old, [old], [new], list(old.outputs), list(new.outputs)
+        old.graph, old, [old], [new], list(old.outputs), list(new.outputs)[: len(old.outputs)]
     )
     return new

@@ -1,9 +1,10 @@
 """Replace compressed Conv/Gemm/MatMul nodes by their ``ai.onnxvq`` ops.
 
 Rule: for each ``(layer, packed)`` pair, the layer's node ``Conv(X, W[, B])``,
-``Gemm(A, W[, C])``, ``MatMul(X, W)`` or ``MatMul(W, X)`` becomes
-``VQConv(X, codes, codebook[, projection][, signs][, scales][, B])`` (etc.) with the node's own attributes
-unchanged, the VQ attributes of ``onnxvq.ops.vq_weight`` added, and the overload of its structural
+``Gemm(A, W[, C])``, ``MatMul(X, W)``, ``MatMul(W, X)`` or ``LSTM(X, W, R[, B, ...])`` (GRU, RNN)
+becomes ``VQConv(X, codes, codebook[, projection][, signs][, scales][, B])`` (etc.; a recurrent
+op's W and R are one encoded weight, its optional inputs follow, and it declares every output
+of its body) with the node's own attributes unchanged, the VQ attributes of ``onnxvq.ops.vq_weight`` added, and the overload of its structural
 variant. The new node keeps the old node's name, doc string, metadata and output values (so names,
 types and shapes downstream are untouched). A weight shared by several layers gets one set of
 initializers, ``<weight>.vq_codes``, ``<weight>.vq_codebook`` and ``<weight>.vq_<extra>`` for each
@@ -50,6 +51,9 @@ class ReplaceWithVQOpsPass(ir.passes.InPlacePass):
             _replace_node(layer, packed, stored[layer.weight])
         for weight in stored:
             remove_if_dead(weight)
+        for layer, _ in self.replacements:
+            for part in layer.parts:
+                remove_if_dead(part)
         return ir.passes.PassResult(model, modified=bool(self.replacements))
 
 
@@ -59,8 +63,8 @@ def _replace_node(layer: Layer, packed: PackedWeight, encoded: list[ir.Value]) -
     inputs = list(node.inputs)
     if node.op_type == "MatMul":
         activation, rest = inputs[1 - layer.weight_index], []
-    else:
-        activation, rest = inputs[0], inputs[2:]
+    else:  # Conv/Gemm: the bias after the weight; recurrent ops: the optional inputs after W, R
+        activation, rest = inputs[0], inputs[1 + max(1, len(layer.parts)) :]
     while rest and rest[-1] is None:
         rest.pop()
     transposed, _ = layer.view()
@@ -75,7 +79,9 @@ def _replace_node(layer: Layer, packed: PackedWeight, encoded: list[ir.Value]) -
     )
     attributes = list(layer.consumer_attributes.values()) + _vq_attributes(packed)
     replace_node(
-        node, ops.DOMAIN, op.OP_TYPE, [activation, *encoded, *rest], attributes, variant.overload
+        node, ops.DOMAIN, op.OP_TYPE, [activation, *encoded, *rest], attributes, variant.overload,
+        # a recurrent body computes all of its op's outputs: the node declares each of them
+        num_outputs=len(op.outputs) if layer.parts else 1,
     )
     logger.debug("replaced %s %r by %s (%s)", layer.op_type, layer.name, op.OP_TYPE, variant.overload)
 
