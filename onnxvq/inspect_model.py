@@ -45,7 +45,7 @@ def inspect_model(model: ir.Model) -> dict:
         {
             "name": l.name,
             "op_type": l.op_type,
-            "weight": l.weight.name,
+            "weight": "+".join(v.name for v in l.parts) if l.parts else l.weight.name,
             "shape": list(l.weight_shape),
             "dtype": l.weight_dtype.name,
             "params": l.size,
