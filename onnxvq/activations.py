@@ -18,13 +18,15 @@ drawn (at random, seeded) to accumulate the moments, and at most ``max_rows`` ve
 are kept for layer-wise training. Moments are float64 ``cols x cols``; over ``FULL_MOMENT_COLS``
 columns only their diagonal is kept.
 
-Layers that cannot be captured (inside an If/Loop/Scan body, a batched MatMul weight whose
-inputs differ per batch entry, or a recurrent op) are absent from the result; they are encoded
-from weights alone.
+Layers that cannot be captured (inside an If/Loop/Scan body, or a batched MatMul weight whose
+inputs differ per batch entry) are absent from the result; they are encoded from weights alone.
+A recurrent op's input vectors are ``[x_t; h_(t-1)]`` per direction, rebuilt from its input
+sequence and its output ``Y`` (``ops.vq_recurrent``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -81,8 +83,6 @@ def capturable(layer: Layer, model: ir.Model) -> str | None:
     """Why ``layer``'s inputs cannot be captured, or None when they can."""
     if layer.node.graph is not model.graph:
         return "inside a control-flow body"
-    if layer.op_type in ops.RECURRENT:
-        return "a recurrent op (what its gates read is not captured yet)"
     if layer.op_type == "MatMul" and len(layer.weight_shape) != 2:
         return "batched MatMul weight"
     return None
@@ -114,9 +114,10 @@ def capture_inputs(
     layers = [l for l in layers if capturable(l, model) is None]
     if not layers:
         return {}
-    taps = tap_names(layers)
-    original = _TapSession(model, taps, None, taps_only=True)
-    swapped = _TapSession(model, taps, quantized, taps_only=True) if quantized else None
+    with _named_taps(layers):
+        taps = tap_names(layers)
+        original = _TapSession(model, taps, None, taps_only=True)
+        swapped = _TapSession(model, taps, quantized, taps_only=True) if quantized else None
     batches = list(calib.batches(batch_size, max_bytes=CAPTURE_BATCH_BYTES))
     keep_per_batch = max(1, -(-max_rows // len(batches)))
     rng = np.random.default_rng(seed)
@@ -129,7 +130,7 @@ def capture_inputs(
         acts_o = original.run(feed)
         acts_q = swapped.run(feed) if swapped else acts_o
         for layer in layers:
-            x_name = taps[layer.name]
+            names = taps[layer.name]
             module, attrs = consumers[layer.name]
             chosen: list[np.ndarray] = []
 
@@ -139,8 +140,8 @@ def capture_inputs(
                     chosen.append(np.sort(rng.choice(total, n, replace=False)) if n < total else np.arange(total))
                 return chosen[0]
 
-            x_o = module.input_vectors(acts_o[x_name], layer.weight_shape, attrs, select)
-            x_q = module.input_vectors(acts_q[x_name], layer.weight_shape, attrs, select) if swapped else x_o
+            x_o = module.input_vectors(_activation(acts_o, names), layer.weight_shape, attrs, select)
+            x_q = module.input_vectors(_activation(acts_q, names), layer.weight_shape, attrs, select) if swapped else x_o
             accumulators[layer.weight.name].add(x_q, x_o, rng.permutation(len(x_q))[:keep_per_batch])
         del acts_o, acts_q
     return {name: acc.result(max_rows) for name, acc in accumulators.items()}
@@ -198,13 +199,39 @@ class Accumulator:
         )
 
 
-def tap_names(layers: list[Layer]) -> dict[str, str]:
-    """Layer name -> name of its activation input."""
+def tap_names(layers: list[Layer]) -> dict[str, list[str]]:
+    """Layer name -> names of the values its input vectors are built from: the activation input;
+    for a recurrent op the input sequence, the hidden states ``Y`` and ``initial_h`` when given
+    (its ``input_vectors`` rebuild ``[x_t; h_(t-1)]`` from them)."""
     taps = {}
     for layer in layers:
-        index = 1 - layer.weight_index if layer.op_type == "MatMul" else 0
-        taps[layer.name] = layer.node.inputs[index].name
+        node = layer.node
+        if layer.op_type in ops.RECURRENT:
+            initial_h = node.inputs[5] if len(node.inputs) > 5 else None
+            values = [node.inputs[0], node.outputs[0]] + ([initial_h] if initial_h is not None else [])
+        else:
+            values = [node.inputs[1 - layer.weight_index if layer.op_type == "MatMul" else 0]]
+        taps[layer.name] = [v.name for v in values]
     return taps
+
+
+def _activation(acts: Mapping[str, np.ndarray], names: list[str]):
+    """What an op module's ``input_vectors`` takes: one array, or the tuple of a recurrent op's."""
+    return acts[names[0]] if len(names) == 1 else tuple(acts[n] for n in names)
+
+
+@contextlib.contextmanager
+def _named_taps(layers: list[Layer]):
+    """Give an unnamed tapped output (a recurrent op's ``Y`` that the model does not use) a name
+    while the tap sessions are built from the model, and take it back after."""
+    unnamed = [l.node.outputs[0] for l in layers if l.op_type in ops.RECURRENT and not l.node.outputs[0].name]
+    for i, value in enumerate(unnamed):
+        value.name = f"onnxvq.tap.{value.producer().name or 'recurrent'}.{i}"
+    try:
+        yield
+    finally:
+        for value in unnamed:
+            value.name = ""
 
 
 class _TapSession:
@@ -230,7 +257,7 @@ class _TapSession:
             graph.outputs.clear()
             self.n_outputs = 0
         outputs = {v.name for v in graph.outputs}
-        for name in dict.fromkeys(taps.values()):
+        for name in dict.fromkeys(n for names in taps.values() for n in names):
             if name not in outputs and name not in inputs:
                 graph.outputs.append(values[name])
                 outputs.add(name)

@@ -234,14 +234,13 @@ def _check_shared_weights(layers: list[Layer]) -> tuple[list[Layer], dict[Layer,
     reasons: dict[Layer, str] = {}
     layer_nodes = {id(l.node) for l in layers}
     for weight, group in group_by_weight(layers).items():
+        parts = {part for l in group for part in l.parts[1:]}  # a recurrent op's R
         others = [
-            node for node, _ in weight.uses() if id(node) not in layer_nodes
+            (value, node) for value in (weight, *parts) for node, _ in value.uses() if id(node) not in layer_nodes
         ]
-        parts = {part for l in group for part in l.parts[1:]}
-        others += [node for part in parts for node, _ in part.uses() if id(node) not in layer_nodes]
         if others:
-            other = others[0]
-            why = f"its weight {weight.name!r} is also read by {other.op_type} node {other.name!r}"
+            value, other = others[0]
+            why = f"its weight {value.name!r} is also read by {other.op_type} node {other.name!r}"
         elif len(parts) > 1:
             why = f"recurrent layers share the weight {weight.name!r} but not their recurrence weights"
         elif len({l.view() for l in group}) > 1:

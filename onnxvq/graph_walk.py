@@ -114,6 +114,8 @@ class GraphWalk:
         the walk's position, whose activation is computed from the model's inputs."""
         if not self.walkable or len(group) != 1 or capturable(group[0], self.model) is not None:
             return False
+        if group[0].op_type in ops.RECURRENT:  # its inputs include its own output Y
+            return False
         layer = group[0]
         tap = layer.node.inputs[_activation_index(layer)]
         return self.position[layer.node] >= self._at and tap is not None and tap in self._dependent
@@ -123,7 +125,7 @@ class GraphWalk:
         the weights that differ from the original), paired with the original's."""
         layer = group[0]
         self._advance(self.position[layer.node], current)
-        tap = tap_names(group)[layer.name]
+        tap = tap_names(group)[layer.name][0]
         module = ops.op_for_consumer(layer.op_type)
         attrs = {n: a.value for n, a in layer.consumer_attributes.items()}
         rng = np.random.default_rng([self.seed, zlib.crc32(layer.weight.name.encode())])

@@ -76,6 +76,38 @@ class RecurrentOp:
     def is_transposed(self, attributes: dict) -> bool:
         return False
 
+    def input_vectors(self, acts, weight_shape, attributes: dict, select) -> np.ndarray:
+        """What each direction's gate rows dot with: ``[x_t; h_(t-1)]`` at every (step, batch)
+        position, rebuilt from ``acts = (X, Y[, initial_h])`` (the op's input sequence, its
+        output hidden states, and its initial state, zeros when absent). Forward directions take
+        ``h`` of the step before, reverse ones of the step after. Steps past a sequence's
+        ``sequence_lens`` are included as they are (Y is zero there).
+
+        ``select(total)`` picks which of the ``total`` = steps x batch positions to return.
+        Returns (n, D, I + H): one group per direction (``onnxvq.layout``: the rows of
+        direction ``j`` are the ``j``-th block of ``G*H`` rows).
+        """
+        x, y, *rest = acts
+        directions, _, width = (int(s) for s in weight_shape)
+        if attributes.get("layout", 0) == 1:  # batch first: (B, S, I), (B, S, D, H), (B, D, H)
+            x, y = np.swapaxes(x, 0, 1), np.transpose(y, (1, 2, 0, 3))
+            rest = [np.swapaxes(h, 0, 1) for h in rest]
+        steps, batch, _ = x.shape
+        hidden = y.shape[-1]
+        h0 = rest[0] if rest else np.zeros((directions, batch, hidden), y.dtype)
+        direction = attributes.get("direction", "forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        reverse = [direction == "reverse"] if directions == 1 else [False, True]
+        chosen = select(steps * batch)
+        t, b = np.divmod(chosen, batch)
+        groups = []
+        for d, backwards in enumerate(reverse):
+            previous = np.concatenate([y[1:, d], h0[d][None]]) if backwards else np.concatenate([h0[d][None], y[:-1, d]])
+            groups.append(np.concatenate([x[t, b], previous[t, b]], axis=-1))
+        vectors = np.stack(groups, axis=1)
+        assert vectors.shape[-1] == width, (vectors.shape, weight_shape)
+        return vectors
+
     def input_names(self, variant: vq_weight.Variant) -> list[str]:
         return ["X", *vq_weight.encoded_inputs(variant), *self.optional_inputs]
 

@@ -127,4 +127,55 @@ def test_recurrent_weights_read_elsewhere_are_left_alone():
     original.graph.output.append(helper.make_tensor_value_info("r_sum", TensorProto.FLOAT, None))
     layers, left = find_layers(ir.serde.deserialize_model(original))
     assert all(l.op_type != "GRU" for l in layers)
-    assert [a.op_type for a in left] == ["GRU"] and "ReduceSum" in left[0].reason
+    assert [a.op_type for a in left] == ["GRU"] and "'R' is also read by ReduceSum" in left[0].reason
+
+
+@pytest.mark.parametrize("direction, layout", [("forward", 0), ("reverse", 0), ("bidirectional", 0), ("bidirectional", 1)])
+def test_recurrent_input_vectors_rebuild_each_step(direction, layout):
+    """Without bias an RNN's state is tanh(W x_t + R h_(t-1)): each captured vector
+    [x_t; h_(t-1)] times the joined weight's rows of its direction gives the step's output.
+    (Batch-first arrays are the same run transposed: onnxruntime runs only layout 0.)"""
+    dirs, hidden, size = (2 if direction == "bidirectional" else 1), 6, 5
+    w, r = weight((dirs, hidden, size), 1), 0.5 * weight((dirs, hidden, hidden), 2)
+    h0 = weight((dirs, BATCH, hidden), 3)
+    node = helper.make_node("RNN", ["x", "W", "R", "", "", "h0"], ["Y"], direction=direction, hidden_size=hidden)
+    model = make_model(
+        [node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R"), numpy_helper.from_array(h0, "h0")],
+    )
+    x = rng(4).standard_normal((SEQ, BATCH, size)).astype(np.float32)
+    y = run_ort(model, {"x": x})[0]  # (S, D, B, H)
+    joined = np.concatenate([w, r], axis=-1)
+    attrs = {"direction": direction, "hidden_size": hidden}
+    acts = (x, y, h0)
+    if layout:
+        attrs["layout"] = 1
+        acts = (np.swapaxes(x, 0, 1), np.moveaxis(y, 2, 0), np.swapaxes(h0, 0, 1))
+    vectors = ops.vq_recurrent.RNN.input_vectors(acts, joined.shape, attrs, np.arange)
+    assert vectors.shape == (SEQ * BATCH, dirs, size + hidden)
+    steps = np.einsum("ndc,dhc->ndh", vectors, joined)  # (positions, D, H)
+    expected = np.moveaxis(y, 2, 1).reshape(SEQ * BATCH, dirs, hidden)  # positions step-major
+    np.testing.assert_allclose(np.tanh(steps), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_captures_the_recurrent_layer_and_layer_wise_trains_it():
+    original = crnn("LSTM", outputs=("", "Y_h"))  # Y unused by the model: tapped all the same
+    calib = [{"x": rng(20 + i).standard_normal((SEQ, BATCH, FEATURES)).astype(np.float32)} for i in range(6)]
+    from onnxvq.activations import capture_inputs
+    from onnxvq.calibration import load_calibration
+
+    model = ir.serde.deserialize_model(original)
+    layers, _ = find_layers(model)
+    lstm = next(l for l in layers if l.op_type == "LSTM")
+    captured = capture_inputs(model, [lstm], load_calibration(calib, model), max_rows=10**6, positions_per_batch=10**6)
+    data = captured["W"]
+    assert data.inputs.shape == (6 * SEQ * BATCH, 2, 24 + 32) and data.hessian.shape == (56, 56)
+    assert not any(v.name.startswith("onnxvq.tap") for n in model.graph for v in n.outputs)  # names given back
+
+    result = onnxvq.compress(original, k=16, d=4, min_size=0, calib=calib, finetune="layer")
+    layer = next(l for l in result.summary.layers if l.op_type == "LSTM")
+    assert layer.finetune.get("steps", 0) > 0
+    compressed = result.to_proto()
+    got = run_ort(compressed, FEEDS)[0]
+    np.testing.assert_allclose(got, run_ort(_twin(compressed), FEEDS)[0], rtol=1e-5, atol=1e-5)
