@@ -88,15 +88,18 @@ def weight_feeds(weight: ir.Value, array: np.ndarray) -> list[tuple[ir.Value, np
     """Where a dense weight goes in a graph: ``[(weight, array)]``, or, for the joined weight of a
     recurrent op (``weight`` is its W, ``array`` is W and R joined), ``[(W, w), (R, r)]``.
 
-    Works on any graph holding the value (a clone's too), so every place that swaps weights into
-    a model (captures, sensitivity, the graph walk) splits them the same way.
+    Works on any graph holding the value (a clone's too) and on numpy arrays and torch tensors,
+    so every place that swaps weights into a model (captures, sensitivity, the graph walk, the
+    end-to-end executor) splits them the same way.
     """
     for node, index in weight.uses():
         if node.domain == "" and node.op_type in ops.RECURRENT and index == 1:
             recurrence = node.inputs[2]
             if array.shape[-1] != _shape(weight)[-1]:  # W and R joined
                 w, r = split_recurrent(array, _shape(recurrence)[-1])
-                return [(weight, np.ascontiguousarray(w)), (recurrence, np.ascontiguousarray(r))]
+                if isinstance(array, np.ndarray):
+                    w, r = np.ascontiguousarray(w), np.ascontiguousarray(r)
+                return [(weight, w), (recurrence, r)]
     return [(weight, array)]
 
 

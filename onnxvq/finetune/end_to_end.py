@@ -30,7 +30,8 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from onnxvq.activations import run_model
+from onnxvq.activations import run_model, values_by_name
+from onnxvq.candidates import weight_feeds
 from onnxvq.calibration import CalibrationSet
 from onnxvq.finetune.torch_graph import TorchGraph
 from onnxvq.finetune.trainable import TrainableWeight
@@ -102,11 +103,17 @@ def train_end_to_end(
                for o, t in enumerate(targets)]
     graph = TorchGraph(compared, trainable=rest)
     graph.train()
+    weights = values_by_name(compared.graph)
+
+    def overrides_now() -> dict[str, torch.Tensor]:
+        """Each module's dense weight, where the graph reads it (a recurrent op's W and R apart)."""
+        return {value.name: part for name, module in modules.items() for value, part in weight_feeds(weights[name], module())}
+
     held_teacher = run_model(compared, held) if held is not None and len(held.samples) else None
 
     def held_loss() -> float:
         with torch.no_grad():
-            overrides = {name: module() for name, module in modules.items()}
+            overrides = overrides_now()
             total = 0.0
             for indices, feed, _ in held.batches(settings.batch_size):
                 outputs = graph({k: torch.from_numpy(v) for k, v in feed.items()}, overrides)
@@ -141,7 +148,7 @@ def train_end_to_end(
             for indices, feed, labels in calib.batches(settings.batch_size, rng):
                 if step >= total:
                     break
-                overrides = {name: module() for name, module in modules.items()}
+                overrides = overrides_now()
                 outputs = graph({k: torch.from_numpy(v) for k, v in feed.items()}, overrides)
                 loss = _summed_loss(outputs, targets, teacher, indices)
                 if labels is not None:

@@ -41,9 +41,11 @@ Supported op types of the default domain (:data:`SUPPORTED_OPS`), by group:
 * logic and comparison: Equal, Less, Greater, LessOrEqual, GreaterOrEqual, Not, And, Or, Xor, IsNaN,
   IsInf
 * constants and types: Constant, ConstantOfShape, Cast, CastLike, Identity, Dropout
+* recurrent: LSTM, GRU, RNN (every attribute, both layouts, ``sequence_lens``;
+  :mod:`onnxvq.finetune.torch_recurrent`)
 
-Not supported (listed by :func:`unsupported_ops`): control flow (If, Loop, Scan) and recurrent ops
-(LSTM, GRU, RNN), whose subgraphs and state this executor does not interpret; sequence, optional and
+Not supported (listed by :func:`unsupported_ops`): control flow (If, Loop, Scan), whose
+subgraphs this executor does not interpret; sequence, optional and
 string ops; quantized ops (QuantizeLinear, QLinearConv, MatMulInteger, ...); any op of a non-default
 domain (``com.microsoft::FusedConv``, ``ai.onnx.ml::...``) that is not a model-local function.
 """
@@ -1206,6 +1208,9 @@ def _constant_value(attrs: dict) -> Tensor:
     raise NotImplementedError(f"Constant node with attribute(s) {sorted(attrs)}")
 
 
+# LSTM, GRU and RNN live in their own module, which registers them through _op.
+from onnxvq.finetune import torch_recurrent  # noqa: E402,F401
+
 SUPPORTED_OPS: frozenset[str] = frozenset(_OPS) | {"Constant"}
 """Op types of the default ONNX domain that :class:`TorchGraph` runs."""
 
@@ -1239,8 +1244,7 @@ def _is_default_domain(domain: str) -> bool:
 
 def unsupported_ops(model: onnx_ir.Model | onnx.ModelProto) -> list[str]:
     """Sorted, de-duplicated op types the executor cannot run (non-default domains as "domain::Op",
-    e.g. "com.microsoft::FusedConv"). Control flow (If, Loop, Scan) and recurrent ops (LSTM, GRU, RNN)
-    are NOT supported and are listed. Nodes that call the model's own local functions count as
+    e.g. "com.microsoft::FusedConv"). Control flow (If, Loop, Scan) is NOT supported and is listed. Nodes that call the model's own local functions count as
     supported when every op in the function body is (bodies are inlined before running); otherwise
     the body's unsupported ops are listed."""
     if isinstance(model, onnx_ir.Model):
