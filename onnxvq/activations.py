@@ -311,12 +311,19 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 
 def _swap_weight(value: ir.Value, array: np.ndarray) -> None:
-    """Give a weight (initializer or Constant output) a new tensor, in the clone only."""
+    """Give a weight (initializer, Constant output or QDQ DequantizeLinear output) a new tensor,
+    in the clone only."""
     tensor = ir.tensor(np.asarray(array))
     if value.is_initializer():
         value.const_value = tensor
         return
     producer = value.producer()
-    producer.attributes["value"] = ir.AttrTensor("value", tensor)
-    for key in [k for k in producer.attributes if k != "value"]:
-        del producer.attributes[key]
+    if producer.op_type == "Constant":
+        producer.attributes["value"] = ir.AttrTensor("value", tensor)
+        for key in [k for k in producer.attributes if k != "value"]:
+            del producer.attributes[key]
+        return
+    replacement = ir.Value(name=f"{value.name}.onnxvq_swapped", shape=tensor.shape,
+                           type=ir.TensorType(tensor.dtype), const_value=tensor)
+    producer.graph.register_initializer(replacement)
+    value.replace_all_uses_with(replacement)

@@ -290,6 +290,8 @@ def _reports(
             compressed=packed is not None,
             rule=rule,
             shared_with=first.name if i else None,
+            source=("integer weights behind a DequantizeLinear (QDQ), dequantized and encoded"
+                    if layer.dequantized else None),
         )
         if packed is not None:
             report.method, report.k, report.d = packed.method, packed.k, packed.d

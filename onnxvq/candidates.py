@@ -4,8 +4,10 @@ A *layer* is a Conv, Gemm, MatMul, LSTM, GRU or RNN node (in the main graph or a
 body) whose weight is a constant: an initializer that is not also a graph input, or the output of
 a ``Constant`` node (older exporters store weights that way). The weight is Conv's W, Gemm's B,
 either MatMul operand when the other is not constant, or a recurrent op's W and R together (both
-constant, joined as in :mod:`onnxvq.layout`; :attr:`Layer.parts` names the two). Layers that
-share one weight are encoded once (see :func:`group_by_weight`).
+constant, joined as in :mod:`onnxvq.layout`; :attr:`Layer.parts` names the two). A
+``DequantizeLinear`` of constants (the weights of a QDQ model, as onnxruntime's
+``quantize_static`` writes them) counts as a constant: its float value is encoded and the
+integer tensor goes. Layers that share one weight are encoded once (see :func:`group_by_weight`).
 
 Layer names are what configs and ``--skip`` refer to: the node's name, or, for unnamed or
 duplicate node names, ``<op_type>:<weight name>``.
@@ -23,7 +25,16 @@ import onnx_ir as ir
 from onnxvq import ops
 from onnxvq.layout import join_recurrent, split_recurrent
 
-__all__ = ["Layer", "LeftAlone", "constant_tensor", "find_layers", "group_by_weight", "iter_nodes", "weight_feeds"]
+__all__ = [
+    "Layer",
+    "LeftAlone",
+    "constant_tensor",
+    "dequantized_tensor",
+    "find_layers",
+    "group_by_weight",
+    "iter_nodes",
+    "weight_feeds",
+]
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
@@ -39,6 +50,9 @@ class Layer:
     tensor: ir.TensorProtocol
     # A recurrent op's (W, R), joined in ``tensor``; empty for every other consumer.
     parts: tuple[ir.Value, ...] = ()
+    # Bytes the weight is stored in when that is not ``tensor`` (an int8 weight behind a
+    # DequantizeLinear: ``tensor`` is its float value); None otherwise.
+    stored_nbytes: int | None = None
 
     @property
     def op_type(self) -> str:
@@ -58,7 +72,15 @@ class Layer:
 
     @property
     def nbytes(self) -> int:
+        """What the weight takes in the input model (the size target's "dense")."""
+        if self.stored_nbytes is not None:
+            return self.stored_nbytes
         return int(self.size * self.tensor.dtype.itemsize)
+
+    @property
+    def dequantized(self) -> bool:
+        """The weight is an integer tensor behind a DequantizeLinear (a QDQ model)."""
+        return self.stored_nbytes is not None and not self.parts
 
     @property
     def weight_left(self) -> bool:
@@ -131,7 +153,9 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[LeftAlone]]:
             left_alone.append(LeftAlone(names[node], node.op_type, weight))
             continue
         index, tensor, parts = weight
-        layers.append(Layer(names[node], node, node.inputs[index], index, tensor, parts))
+        value = node.inputs[index]
+        stored = _dequantized_bytes(value) if not parts else None
+        layers.append(Layer(names[node], node, value, index, tensor, parts, stored))
 
     for function in model.functions.values():
         if function.domain == ops.DOMAIN:  # our own decode bodies
@@ -168,7 +192,7 @@ def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | str:
         slots = [1]
     else:  # MatMul: either side, when only that side is constant
         slots = [1, 0]
-    constants = {i: constant_tensor(inputs[i]) for i in range(min(2, len(inputs)))}
+    constants = {i: constant_tensor(inputs[i]) or dequantized_tensor(inputs[i]) for i in range(min(2, len(inputs)))}
     if node.op_type == "MatMul" and all(constants.get(i) is not None for i in (0, 1)):
         return "both MatMul inputs are constant (fold it instead)"
     if node.op_type == "Gemm" and constants.get(1) is None and constants.get(0) is not None:
@@ -209,8 +233,47 @@ def _recurrent_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | s
     return 1, ir.tensor(joined, name=w_value.name), (w_value, r_value)
 
 
+def dequantized_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The float value of a ``DequantizeLinear`` of constants (a QDQ model's weight), or None.
+
+    ``y = (x - zero_point) * scale``, per tensor, per ``axis`` (1-D scale) or per block of
+    ``block_size`` along ``axis`` (opset 21), at the scale's dtype.
+    """
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear" or producer.domain not in ("", "ai.onnx"):
+        return None
+    inputs = list(producer.inputs) + [None, None]
+    x, scale = constant_tensor(inputs[0]), constant_tensor(inputs[1])
+    zero_point = constant_tensor(inputs[2]) if inputs[2] is not None else None
+    if x is None or scale is None or (inputs[2] is not None and zero_point is None):
+        return None
+    q = x.numpy().astype(np.float32)
+    s = scale.numpy()
+    z = zero_point.numpy().astype(np.float32) if zero_point is not None else np.zeros_like(s, np.float32)
+    if s.size > 1:
+        axis = producer.attributes["axis"].as_int() if "axis" in producer.attributes else 1
+        axis %= q.ndim
+        block = producer.attributes["block_size"].as_int() if "block_size" in producer.attributes else 0
+        if block:  # scale has x's rank, axis cut into blocks of ``block``
+            s = np.repeat(s, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+            z = np.repeat(z, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+        else:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+    return ir.tensor(((q - z) * s.astype(np.float32)).astype(s.dtype), name=value.name)
+
+
+def _dequantized_bytes(value: ir.Value) -> int | None:
+    """Bytes of a QDQ weight as stored (its integer tensor, scale and zero point), or None."""
+    if constant_tensor(value) is not None or dequantized_tensor(value) is None:
+        return None
+    stored = [constant_tensor(v) for v in value.producer().inputs if v is not None]
+    return int(sum(math.ceil(math.prod(t.shape) * t.dtype.bitwidth / 8) for t in stored))
+
+
 def _shape(value: ir.Value) -> tuple[int, ...]:
-    shape = value.shape if value.shape is not None else constant_tensor(value).shape
+    shape = value.shape if value.shape is not None else (constant_tensor(value) or dequantized_tensor(value)).shape
     return tuple(int(d) for d in shape)
 
 

@@ -28,7 +28,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxvq.calibration import CalibrationSet
-from onnxvq.candidates import Layer
+from onnxvq.candidates import Layer, dequantized_tensor
 
 __all__ = ["ELEMENTWISE", "MeasuredOutput", "OutputSensitivity", "measured_output"]
 
@@ -48,6 +48,7 @@ class OutputSensitivity:
         # a feed can override; in this measuring copy only.
         LiftConstantsToInitializersPass(size_limit=1)(copy)
         graph = copy.graph
+        _lift_dequantized(graph, names)
         opset = copy.opset_imports.get("", 13)
         self.outputs = [measured_output(value, opset) for value in graph.outputs]
         for output in self.outputs:
@@ -99,6 +100,20 @@ class OutputSensitivity:
                 else:
                     divergence += _mean_kl(ref, out, output.axis, output.flatten)
         return (noise / self.signal if self.signal > 0 else 0.0) + divergence / len(self.feeds)
+
+
+def _lift_dequantized(graph: ir.Graph, names: set[str]) -> None:
+    """A QDQ weight (DequantizeLinear of constants) among ``names`` becomes an initializer of its
+    float value under its own name, which a feed can override; in the measuring copy only."""
+    values = {v.name: v for node in graph for v in node.outputs if v.name in names}
+    for name, value in values.items():
+        tensor = dequantized_tensor(value)
+        if tensor is None:
+            continue
+        value.name = f"{name}.onnxvq_dequantized"
+        lifted = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        graph.register_initializer(lifted)
+        value.replace_all_uses_with(lifted)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,7 @@ class LayerReport:
     rank: int | None = None  # low-rank codebooks (lr2vq): the clustering dimension d~
     scales: bool | None = None  # per-output-channel scales stored (onnxvq.channel_scales)
     storage_note: str | None = None  # e.g. a float16 table kept float32 (onnxvq.packing)
+    source: str | None = None  # what the weight was, when not a float tensor (a QDQ weight)
 
     @property
     def ratio(self) -> float | None:
@@ -180,6 +181,9 @@ class Summary:
                 f"compressed {n} weight(s): {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
                 f"({self.layer_ratio:.1f}x)"
             )
+        converted = [l for l in self.compressed_layers if l.source]
+        if converted:
+            lines.append(f"{len(converted)} of them were {converted[0].source}")
         else:
             lines.append("no layer was compressed")
         if self.literature_ratio:
@@ -190,7 +194,7 @@ class Summary:
                 f"({self.file_ratio:.1f}x)"
             )
         if self.left_alone:
-            lines.append(f"{len(self.left_alone)} Conv/Gemm/MatMul node(s) left alone (see `onnxvq inspect`)")
+            lines.append(f"{len(self.left_alone)} node(s) of those kinds left alone (see `onnxvq inspect`)")
         lines += self._calibration_lines()
         if self.check is not None and self.calibration is None:
             if self.check.quality is not None:

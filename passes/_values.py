@@ -18,15 +18,24 @@ def register_initializer(graph: ir.Graph, name: str, array: np.ndarray, taken: s
 
 
 def remove_if_dead(weight: ir.Value) -> None:
-    """Drop a value nothing reads any more: its initializer, or the Constant node producing it."""
+    """Drop a value nothing reads any more: its initializer, the Constant node producing it, or
+    the DequantizeLinear producing it (a QDQ weight) and then that node's constant inputs."""
     if weight.uses() or weight.is_graph_output():
         return
     if weight.is_initializer():
         weight.graph.initializers.pop(weight.name)
         return
     producer = weight.producer()
-    if producer is not None and producer.op_type == "Constant":
+    if producer is None or any(v.uses() or v.is_graph_output() for v in producer.outputs):
+        return
+    if producer.op_type == "Constant":
         producer.graph.remove(producer, safe=True)
+    elif producer.op_type == "DequantizeLinear" and producer.domain in ("", "ai.onnx"):
+        sources = [v for v in producer.inputs if v is not None]
+        producer.graph.remove(producer, safe=True)
+        for source in sources:
+            if source.is_initializer() or (source.producer() is not None and source.producer().op_type == "Constant"):
+                remove_if_dead(source)
 
 
 def value_names(model: ir.Model) -> set[str]:
