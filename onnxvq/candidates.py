@@ -134,6 +134,19 @@ class LeftAlone:
     reason: str
 
 
+# Weight-bearing ops onnxvq does not encode yet, listed by ``inspect`` (issue 12 of the tracker).
+_NOT_SUPPORTED = {
+    "ConvTranspose": "ConvTranspose is not compressed yet",
+    "Gather": "an embedding table (Gather of a constant matrix) is not compressed yet",
+    "ConvInteger": "integer op (onnxruntime's dynamic quantization) is not converted yet",
+    "MatMulInteger": "integer op (onnxruntime's dynamic quantization) is not converted yet",
+    "QLinearConv": "QOperator-format quantized op is not converted yet (QDQ models are)",
+    "QLinearMatMul": "QOperator-format quantized op is not converted yet (QDQ models are)",
+    "MatMulNBits": "4-bit MatMulNBits weights are not converted yet",
+    "DynamicQuantizeLSTM": "quantized LSTM (com.microsoft) is not converted yet",
+}
+
+
 def iter_nodes(model: ir.Model) -> Iterator[ir.Node]:
     """Every node of the main graph and of its subgraphs, recursively, in graph order."""
     yield from ir.traversal.RecursiveGraphIterator(model.graph)
@@ -169,6 +182,16 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[LeftAlone]]:
                         f"inside model-local function {function.name!r} (functions are not rewritten)",
                     )
                 )
+
+    for node in iter_nodes(model):
+        reason = _NOT_SUPPORTED.get(node.op_type)
+        if reason and any(constant_tensor(v) is not None for v in node.inputs[1:3] if v is not None):
+            left_alone.append(LeftAlone(node.name or node.op_type, node.op_type, reason))
+        elif (node.op_type == "Gather" and node.domain == "" and constant_tensor(node.inputs[0]) is not None
+              and ("axis" not in node.attributes or node.attributes["axis"].as_int() == 0)):
+            tensor = constant_tensor(node.inputs[0])
+            if tensor.dtype in _FLOAT_TYPES and len(tensor.shape) == 2 and math.prod(tensor.shape) >= 1024:
+                left_alone.append(LeftAlone(node.name or node.op_type, node.op_type, _NOT_SUPPORTED["Gather"]))
 
     kept, shared_reasons = _check_shared_weights(layers)
     left_alone.extend(LeftAlone(l.name, l.op_type, shared_reasons[l]) for l in layers if l in shared_reasons)
