@@ -1,9 +1,10 @@
 """Which nodes of a model can be compressed, and why the others are left alone.
 
-A *layer* is a Conv, Gemm, MatMul, LSTM, GRU or RNN node (in the main graph or any If/Loop/Scan
-body) whose weight is a constant: an initializer that is not also a graph input, or the output of
+A *layer* is a Conv, Gemm, MatMul, LSTM, GRU, RNN or embedding Gather node (in the main graph or
+any If/Loop/Scan body) whose weight is a constant: an initializer that is not also a graph input, or the output of
 a ``Constant`` node (older exporters store weights that way). The weight is Conv's W, Gemm's B,
-either MatMul operand when the other is not constant, or a recurrent op's W and R together (both
+either MatMul operand when the other is not constant, a Gather's table (a float matrix read on
+axis 0 by run-time indices), or a recurrent op's W and R together (both
 constant, joined as in :mod:`onnxvq.layout`; :attr:`Layer.parts` names the two). A
 ``DequantizeLinear`` of constants (the weights of a QDQ model, as onnxruntime's
 ``quantize_static`` writes them) counts as a constant: its float value is encoded and the
@@ -137,7 +138,6 @@ class LeftAlone:
 # Weight-bearing ops onnxvq does not encode yet, listed by ``inspect`` (issue 12 of the tracker).
 _NOT_SUPPORTED = {
     "ConvTranspose": "ConvTranspose is not compressed yet",
-    "Gather": "an embedding table (Gather of a constant matrix) is not compressed yet",
     "ConvInteger": "integer op (onnxruntime's dynamic quantization) is not converted yet",
     "MatMulInteger": "integer op (onnxruntime's dynamic quantization) is not converted yet",
     "QLinearConv": "QOperator-format quantized op is not converted yet (QDQ models are)",
@@ -155,7 +155,7 @@ def iter_nodes(model: ir.Model) -> Iterator[ir.Node]:
 def find_layers(model: ir.Model) -> tuple[list[Layer], list[LeftAlone]]:
     """The model's compressible layers and the Conv/Gemm/MatMul nodes left alone (with reasons)."""
     consumers = set(ops.consumers())
-    nodes = [n for n in iter_nodes(model) if n.domain == "" and n.op_type in consumers]
+    nodes = [n for n in iter_nodes(model) if n.domain == "" and n.op_type in consumers and not _not_a_table(n)]
     found = {node: _find_weight(node) for node in nodes}
     names = _layer_names({n: (f[0] if not isinstance(f, str) else 1) for n, f in found.items()})
 
@@ -187,11 +187,6 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[LeftAlone]]:
         reason = _NOT_SUPPORTED.get(node.op_type)
         if reason and any(constant_tensor(v) is not None for v in node.inputs[1:3] if v is not None):
             left_alone.append(LeftAlone(node.name or node.op_type, node.op_type, reason))
-        elif (node.op_type == "Gather" and node.domain == "" and constant_tensor(node.inputs[0]) is not None
-              and ("axis" not in node.attributes or node.attributes["axis"].as_int() == 0)):
-            tensor = constant_tensor(node.inputs[0])
-            if tensor.dtype in _FLOAT_TYPES and len(tensor.shape) == 2 and math.prod(tensor.shape) >= 1024:
-                left_alone.append(LeftAlone(node.name or node.op_type, node.op_type, _NOT_SUPPORTED["Gather"]))
 
     kept, shared_reasons = _check_shared_weights(layers)
     left_alone.extend(LeftAlone(l.name, l.op_type, shared_reasons[l]) for l in layers if l in shared_reasons)
@@ -211,6 +206,8 @@ def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | str:
     inputs = list(node.inputs)
     if node.op_type in ops.RECURRENT:
         return _recurrent_weight(node)
+    if node.op_type == "Gather":  # an embedding table, the data input (_not_a_table filtered)
+        return 0, constant_tensor(inputs[0]), ()
     if node.op_type in ("Conv", "Gemm"):
         slots = [1]
     else:  # MatMul: either side, when only that side is constant
@@ -237,6 +234,18 @@ def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | str:
     if value is not None and value.is_graph_input() and value.is_initializer():
         return "the weight initializer is also a graph input (it can be overridden at run time)"
     return "the weight is not a constant (computed at run time)"
+
+
+def _not_a_table(node: ir.Node) -> bool:
+    """A Gather that is no embedding lookup (shape or index arithmetic, a column pick): not a
+    candidate and not worth a line in ``inspect``. A table is a constant float matrix gathered
+    on axis 0 by indices computed at run time."""
+    if node.op_type != "Gather":
+        return False
+    data = constant_tensor(node.inputs[0])
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+    return (data is None or data.dtype not in _FLOAT_TYPES or len(data.shape) != 2 or axis != 0
+            or constant_tensor(node.inputs[1]) is not None or node.inputs[0].is_graph_output())
 
 
 def _recurrent_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | str:

@@ -343,6 +343,8 @@ def _weight_kind(node: ir.Node, slot: int) -> str:
         kinds = {"codes": "codes", "codebook": "codebook", "projection": "codebook", "scales": "codebook",
                  "signs": "codes", "B": "bias", "C": "bias"}
         return kinds.get(_input_name(node, slot), "other")
+    if node.domain == "" and node.op_type == "Gather" and slot == 0:  # an embedding table
+        return "dense"
     if node.domain == "" and node.op_type in _MAC_OPS:
         if node.op_type == "MatMul" or slot < 2 or (node.op_type in ops.RECURRENT and slot == 2):
             return "dense"
@@ -374,6 +376,8 @@ def _macs(node: ir.Node, shapes: dict) -> int:
     consumer = ops.op_module(node.op_type).CONSUMER if node.domain == ops.DOMAIN and _is_vq_op(node) else node.op_type
     if consumer in ops.RECURRENT:
         return _recurrent_macs(node, shapes)
+    if consumer == "Gather":  # a table lookup
+        return 0
     out = node.outputs[0].name
     numel_out = math.prod(shapes[out][0])
     op = node.op_type

@@ -64,12 +64,15 @@ __all__ = [
     "VERSION",
     "VQ_ATTRIBUTES",
     "Variant",
+    "codebook_lines",
     "decode_body",
     "decode_weight",
+    "gather_codewords_lines",
     "encoded_inputs",
     "make_function",
     "node_variant",
     "np_dtype",
+    "sign_table_lines",
     "split_extras",
     "split_inputs",
     "weight_from_attributes",
@@ -198,38 +201,12 @@ def decode_weight(
 
 def decode_body(variant: Variant) -> list[str]:
     """ONNX text-format statements that compute ``w`` from the encoded inputs."""
-    if "projection" in variant.extras:
-        lines = [
-            "cb_coords = Cast <to: int = @weight_dtype> (codebook)",
-            "proj = Cast <to: int = @weight_dtype> (projection)",
-            "cb = MatMul (cb_coords, proj)",
-        ]
-    else:
-        lines = ["cb = Cast <to: int = @weight_dtype> (codebook)"]
-    lines += [
+    lines = codebook_lines(variant) + [
         "idx = Cast <to = 7> (codes)",
         "zero = Constant <value = int64[1] {0}> ()",
         "one = Constant <value = int64[1] {1}> ()",
     ]
-    if variant.code_bits == 4:
-        low = ", ".join(str(i % 16) for i in range(256))
-        high = ", ".join(str(i // 16) for i in range(256))
-        lines += [
-            # Pair codebook: row b = [C[b & 15], C[b >> 4]]; indices are taken mod k so that a
-            # codebook with fewer than 16 rows still yields a full 256-row table.
-            "cb_shape = Shape (cb)",
-            "k = Gather <axis = 0> (cb_shape, zero)",
-            f"low_nibble = Constant <value = int64[256] {{{low}}}> ()",
-            f"high_nibble = Constant <value = int64[256] {{{high}}}> ()",
-            "low_k = Mod (low_nibble, k)",
-            "high_k = Mod (high_nibble, k)",
-            "cb_low = Gather <axis = 0> (cb, low_k)",
-            "cb_high = Gather <axis = 0> (cb, high_k)",
-            "pairs = Concat <axis = 1> (cb_low, cb_high)",
-            "gathered = Gather <axis = 0> (pairs, idx)",
-        ]
-    else:
-        lines.append("gathered = Gather <axis = 0> (cb, idx)")
+    lines += gather_codewords_lines(variant, "idx", "gathered")
     lines += [
         "rows_by_rest = Constant <value = int64[2] {0, -1}> ()",
         "flat = Reshape (gathered, rows_by_rest)",
@@ -247,25 +224,7 @@ def decode_body(variant: Variant) -> list[str]:
         lines.append("matrix = Slice (flat, zero, cols, one)")
     matrix = "matrix" if variant.padded else "flat"
     if signed:
-        byte_values = ", ".join(str(b) for b in range(256))
-        lines += [
-            # One Gather of a 256 x 8 table of +-1 per sign byte (DESIGN.md: the fastest
-            # standard-op decode of packed bits), then the row padding is dropped. The table,
-            # 1 - 2 * (floor(b / 2^j) mod 2), is computed from 256 bytes rather than stored as
-            # 2048 floats: 8 kB per function body would weigh on small models (constant folding
-            # removes the computation).
-            f"bytes_u8 = Constant <value = uint8[256, 1] {{{byte_values}}}> ()",
-            "bytes_f = Cast <to = 1> (bytes_u8)",
-            "bit_weights = Constant <value = float[1, 8] {1, 2, 4, 8, 16, 32, 64, 128}> ()",
-            "shifted = Div (bytes_f, bit_weights)",
-            "floored = Floor (shifted)",
-            "two = Constant <value = float[1] {2}> ()",
-            "bits = Mod <fmod = 1> (floored, two)",
-            "minus_two = Constant <value = float[1] {-2}> ()",
-            "plus_one = Constant <value = float[1] {1}> ()",
-            "scaled_bits = Mul (bits, minus_two)",
-            "sign_table = Add (scaled_bits, plus_one)",
-            "sign_table_w = Cast <to: int = @weight_dtype> (sign_table)",
+        lines += sign_table_lines() + [
             "sign_idx = Cast <to = 7> (signs)",
             "sign_bytes = Gather <axis = 0> (sign_table_w, sign_idx)",
             "sign_flat = Reshape (sign_bytes, rows_by_rest)",
@@ -296,6 +255,67 @@ def decode_body(variant: Variant) -> list[str]:
     return lines
 
 
+def codebook_lines(variant: Variant) -> list[str]:
+    """Statements computing ``cb``, the codewords at the weight dtype (``codebook @ projection``
+    for a low-rank variant)."""
+    if "projection" in variant.extras:
+        return [
+            "cb_coords = Cast <to: int = @weight_dtype> (codebook)",
+            "proj = Cast <to: int = @weight_dtype> (projection)",
+            "cb = MatMul (cb_coords, proj)",
+        ]
+    return ["cb = Cast <to: int = @weight_dtype> (codebook)"]
+
+
+def gather_codewords_lines(variant: Variant, index: str, out: str) -> list[str]:
+    """Statements gathering the codewords of int64 stored codes ``index`` (any shape) into
+    ``out`` (``index.shape + [d]``, or ``+ [2d]`` for 4-bit codes: a byte holds two codes). Needs
+    ``cb`` and ``zero``."""
+    if variant.code_bits != 4:
+        return [f"{out} = Gather <axis = 0> (cb, {index})"]
+    low = ", ".join(str(i % 16) for i in range(256))
+    high = ", ".join(str(i // 16) for i in range(256))
+    return [
+        # Pair codebook: row b = [C[b & 15], C[b >> 4]]; indices are taken mod k so that a
+        # codebook with fewer than 16 rows still yields a full 256-row table.
+        "cb_shape = Shape (cb)",
+        "k = Gather <axis = 0> (cb_shape, zero)",
+        f"low_nibble = Constant <value = int64[256] {{{low}}}> ()",
+        f"high_nibble = Constant <value = int64[256] {{{high}}}> ()",
+        "low_k = Mod (low_nibble, k)",
+        "high_k = Mod (high_nibble, k)",
+        "cb_low = Gather <axis = 0> (cb, low_k)",
+        "cb_high = Gather <axis = 0> (cb, high_k)",
+        "pairs = Concat <axis = 1> (cb_low, cb_high)",
+        f"{out} = Gather <axis = 0> (pairs, {index})",
+    ]
+
+
+def sign_table_lines() -> list[str]:
+    """Statements computing ``sign_table_w`` (256 x 8, the weight dtype): row ``b`` holds the
+    +-1 of the 8 bits of byte ``b``, least significant first."""
+    byte_values = ", ".join(str(b) for b in range(256))
+    return [
+        # One Gather of a 256 x 8 table of +-1 per sign byte (DESIGN.md: the fastest
+        # standard-op decode of packed bits), then the row padding is dropped. The table,
+        # 1 - 2 * (floor(b / 2^j) mod 2), is computed from 256 bytes rather than stored as
+        # 2048 floats: 8 kB per function body would weigh on small models (constant folding
+        # removes the computation).
+        f"bytes_u8 = Constant <value = uint8[256, 1] {{{byte_values}}}> ()",
+        "bytes_f = Cast <to = 1> (bytes_u8)",
+        "bit_weights = Constant <value = float[1, 8] {1, 2, 4, 8, 16, 32, 64, 128}> ()",
+        "shifted = Div (bytes_f, bit_weights)",
+        "floored = Floor (shifted)",
+        "two = Constant <value = float[1] {2}> ()",
+        "bits = Mod <fmod = 1> (floored, two)",
+        "minus_two = Constant <value = float[1] {-2}> ()",
+        "plus_one = Constant <value = float[1] {1}> ()",
+        "scaled_bits = Mul (bits, minus_two)",
+        "sign_table = Add (scaled_bits, plus_one)",
+        "sign_table_w = Cast <to: int = @weight_dtype> (sign_table)",
+    ]
+
+
 def make_function(
     *,
     op_type: str,
@@ -305,16 +325,18 @@ def make_function(
     attributes: list[str],
     consumer: str,
     outputs=("Y",),
+    decode: bool = True,
 ) -> onnx.FunctionProto:
     """The model-local function of ``op_type`` for ``variant``: decode ``w``, then ``consumer``.
 
     ``consumer`` is the final statement(s) in ONNX text format, computing ``outputs`` from ``w``;
-    ``attributes`` lists the op's own attributes (the VQ ones are added).
+    ``attributes`` lists the op's own attributes (the VQ ones are added). ``decode=False``: the
+    consumer decodes what it needs itself (``VQGather`` decodes only the rows it reads).
     """
     if opset < MIN_OPSET:
         raise ValueError(f"VQ function bodies need opset >= {MIN_OPSET}, got {opset}")
     attributes = [*attributes, *VQ_ATTRIBUTES]
-    body = decode_body(variant) + [consumer]
+    body = (decode_body(variant) if decode else []) + [consumer]
     text = (
         f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
         f"{op_type} <{', '.join(attributes)}> ({', '.join(inputs)}) => ({', '.join(outputs)}) {{\n  "

@@ -1,4 +1,4 @@
-"""Turn ``ai.onnxvq`` nodes back into standard Conv/Gemm/MatMul/LSTM/GRU/RNN with dense weights.
+"""Turn ``ai.onnxvq`` nodes back into standard Conv/Gemm/MatMul/Gather/LSTM/GRU/RNN with dense weights.
 
 Rule: each VQ node becomes its consumer op (``VQConv`` -> ``Conv``, ...) with the consumer's own
 attributes, the activation and bias in their original positions (a ``weight_left`` MatMul takes the
@@ -47,6 +47,8 @@ class DecompressVQOpsPass(ir.passes.InPlacePass):
                 attributes.pop(name, None)
             if op.CONSUMER == "MatMul":
                 new_inputs = [weights[0], inputs[0]] if weight_left else [inputs[0], weights[0]]
+            elif op.CONSUMER == "Gather":
+                new_inputs = [weights[0], inputs[0]]
             else:
                 new_inputs = [inputs[0], *weights, *rest]
             replace_node(node, "", op.CONSUMER, new_inputs, list(attributes.values()))

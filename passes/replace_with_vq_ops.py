@@ -63,6 +63,8 @@ def _replace_node(layer: Layer, packed: PackedWeight, encoded: list[ir.Value]) -
     inputs = list(node.inputs)
     if node.op_type == "MatMul":
         activation, rest = inputs[1 - layer.weight_index], []
+    elif node.op_type == "Gather":  # Gather(table, indices): the indices come first
+        activation, rest = inputs[1], []
     else:  # Conv/Gemm: the bias after the weight; recurrent ops: the optional inputs after W, R
         activation, rest = inputs[0], inputs[1 + max(1, len(layer.parts)) :]
     while rest and rest[-1] is None:

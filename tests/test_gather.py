@@ -1,0 +1,157 @@
+"""VQGather: an embedding table decoded row by row for the indices a run reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import onnxvq
+from models import make_model, rng, run_ort
+from onnxvq import ops
+from onnxvq.candidates import find_layers
+from onnxvq.layout import WeightLayout
+from onnxvq.ops import vq_gather
+from onnxvq.ops.codes import code_bits_for_k, pack_codes
+from onnxvq.ops.signs import pack_signs
+
+CODINGS = [(16, 4, 11), (5, 3, 13), (256, 5, 17), (300, 4, 21)]
+EXTRAS = [(), ("scales",), ("signs",), ("projection", "signs", "scales")]
+
+
+def build(case, k, d, opset, extras=()):
+    """(VQGather model, dense Gather twin, indices) for one conformance case."""
+    name, shape, index_shape, attrs, _ = case
+    r = np.random.default_rng(0)
+    lay = WeightLayout(shape, False, 1, d)
+    codes = r.integers(0, k, (lay.rows, lay.n_sub))
+    stored = {}
+    if "projection" in extras:
+        codebook = r.standard_normal((k, 2)).astype(np.float16)
+        stored["projection"] = r.standard_normal((2, d)).astype(np.float16)
+        codewords = codebook.astype(np.float32) @ stored["projection"].astype(np.float32)
+    else:
+        codebook = r.standard_normal((k, d)).astype(np.float16)
+        codewords = codebook.astype(np.float32)
+    table = codewords[codes].reshape(lay.rows, -1)[:, : lay.cols]
+    if "signs" in extras:
+        negative = r.random(table.shape) < 0.5
+        stored["signs"] = pack_signs(negative)
+        table = table * np.where(negative, -1.0, 1.0)
+    if "scales" in extras:
+        stored["scales"] = (10.0 ** r.uniform(-2, 1, lay.rows)).astype(np.float16)
+        table = table * stored["scales"].astype(np.float32)[:, None]
+    table = table.astype(np.float32)
+    bits = code_bits_for_k(k)
+    packed = pack_codes(codes, bits)
+    variant = ops.Variant.of(code_bits=bits, codes_shape=packed.shape, d=d, weight_shape=shape, transposed=False,
+                             extras=tuple(stored))
+    indices = r.integers(-shape[0], shape[0], index_shape).astype(np.int64)  # negatives count from the end
+    inits = [numpy_helper.from_array(packed, "codes"), numpy_helper.from_array(codebook, "codebook")]
+    inits += [numpy_helper.from_array(a, n) for n, a in stored.items()]
+    node = helper.make_node(
+        "VQGather", ["indices", "codes", "codebook", *stored], ["Y"], domain=ops.DOMAIN,
+        weight_shape=numpy_helper.from_array(np.array(shape, np.int64)), weight_dtype=TensorProto.FLOAT,
+        code_bits=bits, method="pq", **attrs,
+    )
+    node.overload = variant.overload
+    i_info = [helper.make_tensor_value_info("indices", TensorProto.INT64, list(index_shape))]
+    y_info = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
+    vq = helper.make_model(
+        helper.make_graph([node], name, i_info, y_info, inits),
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(ops.DOMAIN, 1)],
+        functions=[vq_gather.function(variant, opset)], ir_version=10,
+    )
+    dense = helper.make_model(
+        helper.make_graph([helper.make_node("Gather", ["table", "indices"], ["Y"], **attrs)], name, i_info, y_info,
+                          [numpy_helper.from_array(table, "table")]),
+        opset_imports=[helper.make_opsetid("", opset)], ir_version=10,
+    )
+    return vq, dense, indices, table
+
+
+@pytest.mark.parametrize("extras", EXTRAS, ids=lambda e: "+".join(e) or "plain")
+@pytest.mark.parametrize("k, d, opset", CODINGS, ids=str)
+@pytest.mark.parametrize("case", vq_gather.CASES, ids=[c[0] for c in vq_gather.CASES])
+def test_gather_forms_agree(case, k, d, opset, extras):
+    """numpy kernel = onnx.reference on the body = onnxruntime folded and not = the dense Gather."""
+    vq, dense, indices, table = build(case, k, d, opset, extras)
+    feeds = {"indices": indices}
+    expected = np.take(table, indices, axis=0)
+    np.testing.assert_allclose(run_ort(dense, feeds)[0], expected, rtol=1e-6)
+    without_functions = onnx.ModelProto()
+    without_functions.CopyFrom(vq)
+    del without_functions.functions[:]
+    runs = [
+        ReferenceEvaluator(without_functions, new_ops=ops.reference_ops()).run(None, feeds)[0],
+        ReferenceEvaluator(ops.inline_bodies(vq)).run(None, feeds)[0],
+        run_ort(vq, feeds)[0],
+        run_ort(vq, feeds, disabled_optimizers=["ConstantFolding"])[0],
+    ]
+    for got in runs:
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_the_body_reads_only_the_requested_rows():
+    """No op of the body touches the whole table's decoded size: codes are gathered first."""
+    vq, _, _, _ = build(vq_gather.CASES[0], 256, 4, 17, ("signs", "scales"))
+    body = vq.functions[0]
+    first_gather = next(n for n in body.node if n.op_type == "Gather" and "codes" in n.input)
+    assert list(first_gather.input) == ["codes", "at"]
+    assert not any(n.op_type == "Reshape" and "wshape" in n.input for n in body.node)
+
+
+def embedding_model(vocab=30000, dim=512, hidden=64, seq=16):
+    """tokens (B, seq) int64 -> Gather from a vocab x dim table -> MatMul dim x hidden -> Relu ->
+    MatMul hidden x vocab... kept small: -> ReduceMean over the sequence (B, hidden)."""
+    table = (0.05 * rng(1).standard_normal((vocab, dim))).astype(np.float32)
+    proj = (rng(2).standard_normal((dim, hidden)) / np.sqrt(dim)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["embedding", "tokens"], ["embedded"], name="embed"),
+        helper.make_node("MatMul", ["embedded", "proj"], ["hidden"], name="proj"),
+        helper.make_node("Relu", ["hidden"], ["act"]),
+        helper.make_node("ReduceMean", ["act"], ["pooled"], axes=[1], keepdims=0),
+    ]
+    return make_model(
+        nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["B", seq])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["B", hidden])],
+        [numpy_helper.from_array(table, "embedding"), numpy_helper.from_array(proj, "proj")], opset=13,
+    )
+
+
+def test_an_embedding_table_of_30k_rows_is_encoded_and_runs():
+    original = embedding_model()
+    layers, _ = find_layers(ir.serde.deserialize_model(original))
+    assert [(l.name, l.op_type, l.weight_shape) for l in layers] == [("embed", "Gather", (30000, 512)), ("proj", "MatMul", (512, 64))]
+    result = onnxvq.compress(original, k=256, d=8)
+    compressed = result.to_proto()
+    assert any(n.op_type == "VQGather" for n in compressed.graph.node)
+    assert "embedding" not in {i.name for i in compressed.graph.initializer}
+    assert len(original.SerializeToString()) / len(compressed.SerializeToString()) > 10
+    feeds = {"tokens": rng(3).integers(0, 30000, (4, 16)).astype(np.int64)}
+    got = run_ort(compressed, feeds)[0]
+    twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
+    assert [n.op_type for n in twin.graph.node][:1] == ["Gather"]
+    np.testing.assert_allclose(got, run_ort(twin, feeds)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, run_ort(compressed, feeds, disabled_optimizers=["ConstantFolding"])[0],
+                               rtol=1e-5, atol=1e-6)
+    reference = run_ort(original, feeds)[0]
+    assert np.sum((got - reference) ** 2) / np.sum(reference**2) < 0.5
+
+
+def test_gathers_that_are_not_tables_are_not_layers():
+    shape_gather = helper.make_node("Gather", ["shape", "zero"], ["n"], name="shape_gather")
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["shape"]), shape_gather,
+         helper.make_node("Gather", ["x", "col"], ["picked"], name="column", axis=1)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("n", TensorProto.INT64, []),
+         helper.make_tensor_value_info("picked", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array([1], np.int64), "col")],
+    )
+    layers, left = find_layers(ir.serde.deserialize_model(model))
+    assert not layers and not left  # index and shape gathers are nobody's business
