@@ -85,6 +85,8 @@ def capturable(layer: Layer, model: ir.Model) -> str | None:
         return "inside a control-flow body"
     if layer.op_type == "MatMul" and len(layer.weight_shape) != 2:
         return "batched MatMul weight"
+    if layer.op_type == "ConvTranspose":
+        return "a ConvTranspose (its encoded rows are input channels, not outputs)"
     if layer.op_type == "Gather":
         return "an embedding table (a lookup multiplies nothing; its rows are encoded from the table)"
     return None

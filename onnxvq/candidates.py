@@ -1,8 +1,8 @@
 """Which nodes of a model can be compressed, and why the others are left alone.
 
-A *layer* is a Conv, Gemm, MatMul, LSTM, GRU, RNN or embedding Gather node (in the main graph or
+A *layer* is a Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU, RNN or embedding Gather node (in the main graph or
 any If/Loop/Scan body) whose weight is a constant: an initializer that is not also a graph input, or the output of
-a ``Constant`` node (older exporters store weights that way). The weight is Conv's W, Gemm's B,
+a ``Constant`` node (older exporters store weights that way). The weight is Conv's or ConvTranspose's W, Gemm's B,
 either MatMul operand when the other is not constant, a Gather's table (a float matrix read on
 axis 0 by run-time indices), or a recurrent op's W and R together (both
 constant, joined as in :mod:`onnxvq.layout`; :attr:`Layer.parts` names the two). A
@@ -137,7 +137,6 @@ class LeftAlone:
 
 # Weight-bearing ops onnxvq does not encode yet, listed by ``inspect`` (issue 12 of the tracker).
 _NOT_SUPPORTED = {
-    "ConvTranspose": "ConvTranspose is not compressed yet",
     "ConvInteger": "integer op (onnxruntime's dynamic quantization) is not converted yet",
     "MatMulInteger": "integer op (onnxruntime's dynamic quantization) is not converted yet",
     "QLinearConv": "QOperator-format quantized op is not converted yet (QDQ models are)",
@@ -208,7 +207,7 @@ def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | str:
         return _recurrent_weight(node)
     if node.op_type == "Gather":  # an embedding table, the data input (_not_a_table filtered)
         return 0, constant_tensor(inputs[0]), ()
-    if node.op_type in ("Conv", "Gemm"):
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
         slots = [1]
     else:  # MatMul: either side, when only that side is constant
         slots = [1, 0]

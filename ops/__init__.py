@@ -21,7 +21,7 @@ from types import ModuleType
 import onnx
 import onnx.inliner
 
-from onnxvq.ops import vq_conv, vq_gather, vq_gemm, vq_matmul, vq_recurrent, vq_weight
+from onnxvq.ops import vq_conv, vq_conv_transpose, vq_gather, vq_gemm, vq_matmul, vq_recurrent, vq_weight
 from onnxvq.ops.vq_weight import DOMAIN, MIN_OPSET, VERSION, Variant
 
 __all__ = [
@@ -40,7 +40,8 @@ __all__ = [
 # An op module, or an object with its interface (the three recurrent forms share one module).
 _BY_CONSUMER: dict[str, ModuleType] = {
     m.CONSUMER: m
-    for m in (vq_conv, vq_gemm, vq_matmul, vq_gather, vq_recurrent.LSTM, vq_recurrent.GRU, vq_recurrent.RNN)
+    for m in (vq_conv, vq_conv_transpose, vq_gemm, vq_matmul, vq_gather,
+              vq_recurrent.LSTM, vq_recurrent.GRU, vq_recurrent.RNN)
 }
 _BY_OP_TYPE: dict[str, ModuleType] = {m.OP_TYPE: m for m in _BY_CONSUMER.values()}
 
@@ -71,7 +72,8 @@ RECURRENT = ("LSTM", "GRU", "RNN")
 def reference_ops() -> list[type]:
     """``OpRun`` classes for ``onnx.reference.ReferenceEvaluator(model, new_ops=...)``."""
     recurrent = [op.reference_op() for op in (vq_recurrent.LSTM, vq_recurrent.GRU, vq_recurrent.RNN)]
-    return [vq_conv.VQConv, vq_gemm.VQGemm, vq_matmul.VQMatMul, vq_gather.VQGather, *recurrent]
+    return [vq_conv.VQConv, vq_conv_transpose.VQConvTranspose, vq_gemm.VQGemm, vq_matmul.VQMatMul,
+            vq_gather.VQGather, *recurrent]
 
 
 def inline_bodies(model: onnx.ModelProto) -> onnx.ModelProto:

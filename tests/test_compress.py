@@ -80,10 +80,12 @@ def test_weights_built_from_a_codebook_are_recovered_exactly():
     np.testing.assert_allclose(run_ort(result.to_proto(), x)[0], run_ort(original, x)[0], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("mod,case", [(m, c) for m in (ops.vq_conv, ops.vq_gemm, ops.vq_matmul) for c in m.CASES],
+@pytest.mark.parametrize("mod,case", [(m, c) for m in (ops.vq_conv, ops.vq_gemm, ops.vq_matmul) for c in m.CASES]
+                         + [(ops.vq_conv_transpose, c) for c in ops.vq_conv_transpose.CASES
+                            + ops.vq_conv_transpose.GROUPED_CASES],
                          ids=lambda v: v[0] if isinstance(v, tuple) else "")
 def test_every_op_form_through_compress(mod, case):
-    """One-node models of every Conv/Gemm/MatMul form, compressed by the real pipeline."""
+    """One-node models of every Conv/ConvTranspose/Gemm/MatMul form, compressed by the real pipeline."""
     name, wshape, xshape, attrs, bias = case
     w = weight(wshape, 3)
     inputs = ["W", "X"] if attrs.get("weight_left") else ["X", "W"]
@@ -333,3 +335,23 @@ def test_provenance_records_the_resolved_config():
     record = json.loads(result.model.metadata_props[onnxvq.api.PROVENANCE_KEY])
     assert record["config"]["k"] == 64
     assert record["layers"]["conv1"] == {"method": "pq", "k": 16, "d": 4, "rule": "layers['conv1']", "scales": True}
+
+
+def test_conv_transpose_with_calibration_is_fine_tuned_end_to_end():
+    """ConvTranspose rows are input channels, so calibration does not capture it; e2e trains it."""
+    w, b = weight((16, 8, 2, 2), 1), weight((8, 1), 2)[:, 0]
+    model = make_model(
+        [helper.make_node("ConvTranspose", ["X", "W", "B"], ["Y"], name="up", strides=[2, 2])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 16, 6, 6])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 8, 12, 12])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+    calib = [{"X": rng(70 + i).standard_normal((2, 16, 6, 6)).astype(np.float32)} for i in range(10)]
+    result = onnxvq.compress(model, k=16, d=4, min_size=0, calib=calib, finetune={"mode": "e2e", "steps": 40, "lr": 1e-2})
+    record = result.summary.calibration
+    assert record["mode"] == "e2e" and result.summary.layers[0].compressed
+    assert record["quality"]["fine-tuned"].sqnr_db > record["quality"]["encoded"].sqnr_db
+    compressed = result.to_proto()
+    assert [n.op_type for n in compressed.graph.node] == ["VQConvTranspose"]
+    feeds = {"X": calib[0]["X"]}
+    np.testing.assert_allclose(run_ort(compressed, feeds)[0], twin_outputs(compressed, feeds)[0], rtol=1e-5, atol=1e-5)

@@ -20,7 +20,8 @@ from onnxvq.layout import WeightLayout, matrix_to_weight
 from onnxvq.ops.codes import code_bits_for_k, pack_codes
 from onnxvq.ops.signs import pack_signs
 
-ALL_CASES = [(mod, case) for mod in (ops.vq_conv, ops.vq_gemm, ops.vq_matmul) for case in mod.CASES]
+ALL_CASES = [(mod, case) for mod in (ops.vq_conv, ops.vq_conv_transpose, ops.vq_gemm, ops.vq_matmul)
+             for case in mod.CASES]
 # (k, d, opset): 4-bit with a full and a short codebook, 8-bit, 16-bit; d dividing rows or not.
 CODINGS = [(16, 4, 11), (5, 3, 13), (256, 8, 17), (300, 5, 21)]
 
@@ -203,3 +204,15 @@ def test_body_casts_codebook_to_weight_dtype():
     got, expected = run_ort(vq, x)[0], run_ort(dense, x)[0]
     assert got.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("case", ops.vq_conv_transpose.GROUPED_CASES, ids=[c[0] for c in ops.vq_conv_transpose.GROUPED_CASES])
+@pytest.mark.parametrize("extras", [(), ("signs", "scales")], ids=lambda e: "+".join(e) or "plain")
+def test_grouped_conv_transpose_agrees_in_onnxruntime(case, extras):
+    """Grouped ConvTranspose: the body in onnxruntime (folded and not) = the dense twin (onnx's
+    reference runtime has no grouped ConvTranspose)."""
+    vq, dense, *_ = build(ops.vq_conv_transpose, case, 16, 4, 17, extras=extras)
+    x = {"X": np.random.default_rng(1).standard_normal(case[2]).astype(np.float32)}
+    expected = run_ort(dense, x)[0]
+    for got in (run_ort(vq, x)[0], run_ort(vq, x, disabled_optimizers=["ConstantFolding"])[0]):
+        _close(got, expected)

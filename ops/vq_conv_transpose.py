@@ -1,0 +1,91 @@
+"""VQConvTranspose: ``ConvTranspose`` whose weight is VQ-encoded.
+
+Math: ``Y = ConvTranspose(X, W, B)`` with every ConvTranspose attribute as given (auto_pad,
+dilations, group, kernel_shape, output_padding, output_shape, pads, strides), where ``W``
+(C_in, C_out/g, k1, ..., kn) is rebuilt by ``onnxvq.ops.vq_weight.decode_weight`` with rows =
+the C_in *input* channels, each row the flattened (C_out/g, k1, ..., kn) block, never transposed:
+the weight's own memory order. (Its rows are not outputs, so per-row scales are per input
+channel, and the layer's inputs are not captured: it is encoded from its weights.)
+
+Inputs: ``X``, ``codes``, ``codebook``, the variant's extras (``projection``, ``signs``,
+``scales``), optional ``B``. Attributes: ConvTranspose's, plus ``weight_shape``,
+``weight_dtype``, ``code_bits``, ``method``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from onnxvq.ops import vq_weight
+
+__all__ = ["CASES", "CONSUMER", "OP_TYPE", "VQConvTranspose", "decode", "function", "input_names", "weight_view"]
+
+OP_TYPE = "VQConvTranspose"
+CONSUMER = "ConvTranspose"
+CONSUMER_ATTRIBUTES = (
+    "auto_pad", "dilations", "group", "kernel_shape", "output_padding", "output_shape", "pads", "strides",
+)
+_REF_TYPES = {"auto_pad": "string", "group": "int"}  # the rest are ints
+
+
+def is_transposed(attributes: dict) -> bool:
+    return False
+
+
+def weight_view(weight_shape, attributes: dict) -> tuple[bool, int]:
+    """(transposed, row_axes): rows are the input channels, as the weight is stored."""
+    return False, 1
+
+
+def input_names(variant: vq_weight.Variant) -> list[str]:
+    return ["X", *vq_weight.encoded_inputs(variant), "B"]
+
+
+def decode(codes: np.ndarray, codebook: np.ndarray, **named) -> np.ndarray:
+    """The dense ConvTranspose weight this node stands for."""
+    extras, attributes = vq_weight.split_extras(named)
+    return vq_weight.weight_from_attributes(codes, codebook, attributes, transposed=False, **extras)
+
+
+def function(variant: vq_weight.Variant, opset: int):
+    refs = ", ".join(f"{a}: {_REF_TYPES.get(a, 'ints')} = @{a}" for a in CONSUMER_ATTRIBUTES)
+    return vq_weight.make_function(
+        op_type=OP_TYPE, variant=variant, opset=opset, inputs=input_names(variant),
+        attributes=list(CONSUMER_ATTRIBUTES), consumer=f"Y = ConvTranspose <{refs}> (X, w, B)",
+    )
+
+
+class VQConvTranspose(OpRun):
+    """``onnx.reference`` kernel: numpy decode, then onnx's reference ConvTranspose."""
+
+    op_domain = vq_weight.DOMAIN
+
+    def _run(self, X, codes, codebook, *rest, **attributes):
+        extras, rest = vq_weight.split_inputs(self.onnx_node.overload, rest)
+        W = decode(codes, codebook, **extras, **attributes)
+        own = {a: attributes[a] for a in CONSUMER_ATTRIBUTES if attributes.get(a) is not None}
+        feeds = {"X": X, "W": W, **({"B": rest[0]} if rest and rest[0] is not None else {})}
+        node = helper.make_node("ConvTranspose", list(feeds), ["Y"], **own)
+        infos = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None) for n, a in feeds.items()]
+        graph = helper.make_graph([node], "reference", infos, [helper.make_tensor_value_info("Y", 0, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return (ReferenceEvaluator(model).run(None, feeds)[0].astype(X.dtype),)
+
+
+# Conformance cases: (name, weight shape, input shape, attributes, bias shape or None). onnx's
+# reference ConvTranspose has no groups: GROUPED_CASES run against onnxruntime only.
+CASES = [
+    ("convtranspose2d_stride2", (8, 6, 2, 2), (1, 8, 5, 5), {"strides": [2, 2]}, (6,)),
+    ("convtranspose2d_pads_output_padding", (6, 4, 3, 3), (2, 6, 4, 4),
+     {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, (4,)),
+    ("convtranspose2d_dilations", (8, 3, 3, 3), (1, 8, 5, 5), {"dilations": [2, 1]}, (3,)),
+    ("convtranspose1d", (5, 7, 4), (2, 5, 9), {"strides": [3]}, None),
+    ("convtranspose2d_output_shape", (4, 4, 3, 3), (1, 4, 4, 4), {"strides": [2, 2], "output_shape": [9, 9]}, None),
+]
+GROUPED_CASES = [
+    ("convtranspose2d_groups", (8, 3, 3, 3), (1, 8, 5, 5), {"group": 2, "strides": [2, 2]}, (6,)),
+    ("convtranspose2d_depthwise", (6, 1, 4, 4), (2, 6, 4, 4), {"group": 6, "strides": [2, 2], "pads": [1, 1, 1, 1]}, (6,)),
+]
