@@ -7,6 +7,9 @@ holds the entries that output contracts over, in the weight's own memory order:
 consumer                            weight shape          transposed  ``M``
 ==================================  ====================  ==========  =========================
 Conv                                (O, I/g, k1, .., kn)  no          ``W.reshape(O, -1)``
+ConvTranspose (rows: input chans)   (I, O/g, k1, .., kn)  no          ``W.reshape(I, -1)``
+Gather (an embedding table)         (V, D)                no          ``W``
+LSTM/GRU/RNN (W and R joined)       (D, G*H, I+H)         no          ``V.reshape(D*G*H, -1)``
 Gemm, transB=1                      (N, K)                no          ``W``
 Gemm, transB=0                      (K, N)                yes         ``W.T``
 MatMul, weight left  (``W @ X``)    (..., M, K)           no          ``W.reshape(-1, K)``
@@ -14,8 +17,9 @@ MatMul, weight right (``X @ W``)    (..., K, N)           yes         ``swapaxes
 ==================================  ====================  ==========  =========================
 
 Let ``L = swapaxes(W, -1, -2)`` when transposed, else ``L = W``. Then ``M = L.reshape(rows, cols)``
-with ``rows`` the product of the first ``row_axes`` axes of ``L`` (1 for Conv, ``rank - 1`` for
-Gemm and MatMul) and ``cols`` the product of the rest.
+with ``rows`` the product of the first ``row_axes`` axes of ``L`` (1 for Conv, ConvTranspose and
+Gather, 2 for recurrent ops, ``rank - 1`` for Gemm and MatMul) and ``cols`` the product of the
+rest.
 
 Each row of ``M`` is cut into ``n_sub = ceil(cols / d)`` consecutive subvectors of length ``d``.
 When ``d`` does not divide ``cols``, the last subvector of every row has only
