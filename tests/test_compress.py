@@ -149,10 +149,21 @@ def test_shared_weight_is_encoded_once():
 
 
 def test_weight_also_read_by_another_op_is_left_alone():
+    model = _shared_weight_model()
+    model.graph.node.append(helper.make_node("ReduceSum", ["W"], ["total"], name="norm", keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("total", TensorProto.FLOAT, None))
+    result = onnxvq.compress(model, k=32, d=4)
+    assert not any(l.compressed for l in result.summary.layers)
+    reasons = {l["name"]: l["reason"] for l in result.summary.left_alone}
+    assert "also read by ReduceSum node 'norm'" in reasons["first"]
+
+
+def test_a_table_shared_with_matmuls_in_another_layout_is_left_alone():
+    """A Gather's table rows are its rows; a right MatMul weight's rows are its columns."""
     result = onnxvq.compress(_shared_weight_model(with_gather=True), k=32, d=4)
     assert not any(l.compressed for l in result.summary.layers)
     reasons = {l["name"]: l["reason"] for l in result.summary.left_alone}
-    assert "also read by Gather node 'embed'" in reasons["first"]
+    assert "read the shared weight 'W' in different layouts" in reasons["embed"]
 
 
 def test_external_data_in_and_out(tmp_path):

@@ -155,3 +155,26 @@ def test_gathers_that_are_not_tables_are_not_layers():
     )
     layers, left = find_layers(ir.serde.deserialize_model(model))
     assert not layers and not left  # index and shape gathers are nobody's business
+
+
+def test_a_tied_embedding_is_encoded_once_for_the_lookup_and_the_output_projection():
+    """Gather(E, tokens) and Gemm(h, E, transB=1) read E with the same rows: one encoding."""
+    table = (0.1 * rng(4).standard_normal((2048, 32))).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "tokens"], ["embedded"], name="embed"),
+        helper.make_node("Gemm", ["embedded", "E"], ["logits"], name="unembed", transB=1),
+    ]
+    model = make_model(
+        nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", 2048])],
+        [numpy_helper.from_array(table, "E")],
+    )
+    result = onnxvq.compress(model, k=256, d=4)
+    compressed = result.to_proto()
+    assert sorted(n.op_type for n in compressed.graph.node) == ["VQGather", "VQGemm"]
+    assert [l.shared_with for l in result.summary.layers] == [None, "embed"]
+    names = [i.name for i in compressed.graph.initializer]  # one set of encoded tensors (scales when chosen)
+    assert names[:2] == ["E.vq_codes", "E.vq_codebook"] and set(names[2:]) <= {"E.vq_scales"}
+    feeds = {"tokens": rng(5).integers(0, 2048, (9,)).astype(np.int64)}
+    twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
+    np.testing.assert_allclose(run_ort(compressed, feeds)[0], run_ort(twin, feeds)[0], rtol=1e-5, atol=1e-5)
