@@ -24,6 +24,7 @@ from onnxvq.activations import LayerInputs, capture_inputs
 from onnxvq.allocation import allocate
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
 from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes
+from onnxvq.weight_folding import fold_weight_chains
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
 from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
@@ -116,6 +117,7 @@ def compress(
     original_ir_version = model.ir_version
     total_float_params = _float_params(model)
 
+    fold_weight_chains(model)
     layers, left_alone = find_layers(model)
     # A size target replaces min_size: the allocation decides which small layers stay dense.
     resolving = dataclasses.replace(config, min_size=0) if config.targeted else config

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnxvq import ops
 from onnxvq.api import PROVENANCE_KEY
 from onnxvq.candidates import find_layers, iter_nodes
+from onnxvq.weight_folding import fold_weight_chains
 from onnxvq.summary import format_bytes, format_table
 
 __all__ = ["VQLayerInfo", "inspect_model", "format_inspection"]
@@ -39,7 +40,10 @@ class VQLayerInfo:
 
 
 def inspect_model(model: ir.Model) -> dict:
-    """Candidate layers, nodes left alone and VQ layers of ``model`` as plain data."""
+    """Candidate layers, nodes left alone and VQ layers of ``model`` as plain data (weights
+    computed from constants counted as compress will count them: folded, in a copy)."""
+    model = model.clone()
+    fold_weight_chains(model)
     layers, left_alone = find_layers(model)
     candidates = [
         {
