@@ -24,6 +24,7 @@ from onnxvq.activations import LayerInputs, capture_inputs
 from onnxvq.allocation import allocate
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
 from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes
+from onnxvq.integer_ops import convert_integer_ops, restore_unencoded
 from onnxvq.weight_folding import fold_weight_chains
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
 from onnxvq.errors import OnnxVQError
@@ -117,20 +118,25 @@ def compress(
     original_ir_version = model.ir_version
     total_float_params = _float_params(model)
 
+    input_bytes = _input_bytes(model)  # before the conversions below add float twins
     fold_weight_chains(model)
+    integer_layers = convert_integer_ops(model)
     layers, left_alone = find_layers(model)
     # A size target replaces min_size: the allocation decides which small layers stay dense.
     resolving = dataclasses.replace(config, min_size=0) if config.targeted else config
     plans = resolve_layers(resolving, [(l.name, l.op_type, l.size) for l in layers])
     plan_of = dict(zip(layers, plans))
     groups = list(group_by_weight(layers).values())
+    # Integer weights (QDQ, integer ops) count as the model's parameters in the literature's
+    # convention, as their float values would.
+    total_float_params += sum(group[0].size for group in groups if group[0].source)
     group_plans = [_group_plan(group, plan_of) for group in groups]
     for group, plan in zip(groups, group_plans):  # before any work: a user error, not minutes in
         if plan.compressed or (config.targeted and plan.rule == "default"):
             _check_finite(group[0])
     if config.targeted:
         group_plans = allocate(
-            model, groups, group_plans, config, input_bytes=_input_bytes(model), samples=calib_set, progress=progress
+            model, groups, group_plans, config, input_bytes=input_bytes, samples=calib_set, progress=progress
         )
     planned = list(zip(groups, group_plans))
     rules = [_rule(group[0], plan) for group, plan in planned]
@@ -179,6 +185,7 @@ def compress(
 
     _write_back(model, learned_rest)
     ReplaceWithVQOpsPass(replacements)(model)
+    restore_unencoded(model, integer_layers)
     AttachVQFunctionsPass()(model)
     if replacements:
         model.metadata_props[PROVENANCE_KEY] = json.dumps(
@@ -292,8 +299,7 @@ def _reports(
             compressed=packed is not None,
             rule=rule,
             shared_with=first.name if i else None,
-            source=("integer weights behind a DequantizeLinear (QDQ), dequantized and encoded"
-                    if layer.dequantized else None),
+            source=layer.source,
         )
         if packed is not None:
             report.method, report.k, report.d = packed.method, packed.k, packed.d

@@ -27,6 +27,8 @@ from onnxvq import ops
 from onnxvq.layout import join_recurrent, split_recurrent
 
 __all__ = [
+    "SOURCE",
+    "STORED_BYTES",
     "Layer",
     "LeftAlone",
     "constant_tensor",
@@ -52,8 +54,9 @@ class Layer:
     # A recurrent op's (W, R), joined in ``tensor``; empty for every other consumer.
     parts: tuple[ir.Value, ...] = ()
     # Bytes the weight is stored in when that is not ``tensor`` (an int8 weight behind a
-    # DequantizeLinear: ``tensor`` is its float value); None otherwise.
+    # DequantizeLinear, or of an integer op: ``tensor`` is its float value); None otherwise.
     stored_nbytes: int | None = None
+    source: str | None = None  # what the weight was, when not a float tensor
 
     @property
     def op_type(self) -> str:
@@ -78,10 +81,6 @@ class Layer:
             return self.stored_nbytes
         return int(self.size * self.tensor.dtype.itemsize)
 
-    @property
-    def dequantized(self) -> bool:
-        """The weight is an integer tensor behind a DequantizeLinear (a QDQ model)."""
-        return self.stored_nbytes is not None and not self.parts
 
     @property
     def weight_left(self) -> bool:
@@ -135,10 +134,16 @@ class LeftAlone:
     reason: str
 
 
+# Metadata keys of a weight value standing for an integer tensor (onnxvq.integer_ops): its stored
+# bytes and what it was.
+STORED_BYTES = "onnxvq.stored_bytes"
+SOURCE = "onnxvq.source"
+_DEQUANTIZED = "integer weights behind a DequantizeLinear (QDQ), dequantized and encoded"
+
 # Weight-bearing ops onnxvq does not encode yet, listed by ``inspect`` (issue 12 of the tracker).
 _NOT_SUPPORTED = {
-    "ConvInteger": "integer op (onnxruntime's dynamic quantization) is not converted yet",
-    "MatMulInteger": "integer op (onnxruntime's dynamic quantization) is not converted yet",
+    "ConvInteger": "its weight is not a constant only this node reads",
+    "MatMulInteger": "its weight is not a constant only this node reads",
     "QLinearConv": "QOperator-format quantized op is not converted yet (QDQ models are)",
     "QLinearMatMul": "QOperator-format quantized op is not converted yet (QDQ models are)",
     "MatMulNBits": "4-bit MatMulNBits weights are not converted yet",
@@ -167,7 +172,9 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[LeftAlone]]:
         index, tensor, parts = weight
         value = node.inputs[index]
         stored = _dequantized_bytes(value) if not parts else None
-        layers.append(Layer(names[node], node, value, index, tensor, parts, stored))
+        source = _DEQUANTIZED if stored is not None else value.meta.get(SOURCE)
+        stored = stored if stored is not None else value.meta.get(STORED_BYTES)
+        layers.append(Layer(names[node], node, value, index, tensor, parts, stored, source))
 
     for function in model.functions.values():
         if function.domain == ops.DOMAIN:  # our own decode bodies

@@ -181,11 +181,14 @@ class Summary:
                 f"compressed {n} weight(s): {format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)} "
                 f"({self.layer_ratio:.1f}x)"
             )
-        converted = [l for l in self.compressed_layers if l.source]
-        if converted:
-            lines.append(f"{len(converted)} of them were {converted[0].source}")
         else:
             lines.append("no layer was compressed")
+        sources: dict[str, int] = {}
+        for layer in self.compressed_layers:
+            if layer.source:
+                sources[layer.source] = sources.get(layer.source, 0) + 1
+        for source, count in sources.items():
+            lines.append(f"{count} of them were {source}")
         if self.literature_ratio:
             lines.append(f"model ratio, literature convention: {self.literature_ratio:.1f}x")
         if self.file_ratio:

@@ -33,7 +33,10 @@ __all__ = ["MAX_CHAIN", "fold_weight_chains"]
 logger = logging.getLogger(__name__)
 
 MAX_CHAIN = 32
-_NOT_FOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# Random ops, and the quantization ops whose weights onnxvq reads as they are (a QDQ weight is a
+# DequantizeLinear of constants: onnxvq.candidates.dequantized_tensor).
+_NOT_FOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+               "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
 # The weight inputs of each layer op, by input index.
 _WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (0, 1), "Gather": (0,),
                  **{op: (1, 2) for op in ops.RECURRENT}}
@@ -55,7 +58,11 @@ def fold_weight_chains(model: ir.Model) -> list[str]:
             chain = _chain(value)
             if chain is None:
                 continue
-            array = _evaluate(value, chain, model.opset_imports.get("", 13))
+            try:
+                array = _evaluate(value, chain, model.opset_imports.get("", 13))
+            except Exception as error:  # an op onnx's reference runtime lacks: left as it is
+                logger.info("weight %r computed from constants not folded: %s", value.name, error)
+                continue
             if array.dtype.kind != "f" or array.ndim < 2:  # a shape or an index, not a weight
                 continue
             name = value.name
