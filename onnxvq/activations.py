@@ -294,7 +294,7 @@ def open_session(model: ir.Model) -> ort.InferenceSession:
     from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures surface as exceptions; no stderr noise
     sweep_stale_temp()
     folder = temp_folder()
     try:

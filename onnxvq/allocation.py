@@ -191,8 +191,19 @@ def allocate(
     from onnxvq.sensitivity import OutputSensitivity
 
     data = samples.subset(min(SENSITIVITY_SAMPLES, len(samples))) if samples is not None else None
+    generated = data is None
     data = data or generated_samples(model, seed=config.seed)
-    sensitivity = OutputSensitivity(model, [groups[i][0] for i in free], data) if data is not None else None
+    sensitivity = None
+    if data is not None:
+        try:
+            sensitivity = OutputSensitivity(model, [groups[i][0] for i in free], data)
+        except Exception as e:  # onnxruntime refused the inputs (a length noise cannot have)
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if not generated:
+                raise OnnxVQError(f"the model did not run on the calibration data: {text}; "
+                                  "check the calibration samples against the model's inputs") from None
+            logger.warning("the size target is allocated from the weights alone: the model did not run on "
+                           "inputs generated from its input specs (%s); give --calib for a measured allocation", text)
     ladders: list[_Ladder] = []
     with progress_bar(total=len(free), desc="sizing layers", unit="layer", enabled=progress) as bar:
         for i in free:

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
+from onnxvq.activations import open_session
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer, dequantized_tensor
 
@@ -38,8 +36,6 @@ logger = logging.getLogger(__name__)
 class OutputSensitivity:
     def __init__(self, model: ir.Model, layers: Sequence[Layer], samples: CalibrationSet):
         from onnx_ir.passes.common import LiftConstantsToInitializersPass
-
-        from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
 
         # every value a layer's weight is fed through (a recurrent op's W and R)
         names = {value.name for layer in layers for value in (layer.parts or (layer.weight,))}
@@ -63,16 +59,7 @@ class OutputSensitivity:
                 self.overridable.add(name)
         if copy.ir_version < 4:  # initializers as overridable inputs need IR >= 4
             copy.ir_version = 4
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        sweep_stale_temp()
-        folder = temp_folder()
-        try:
-            path = Path(folder) / "sensitivity.onnx"
-            save_model(copy, path)
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        self.session = open_session(copy)
         self.output_names = [output.value.name for output in self.outputs]
         self.feeds = [dict(sample) for sample in samples.samples]
         self.reference = [self.session.run(self.output_names, feed) for feed in self.feeds]

@@ -9,13 +9,16 @@ Rule: a weight input of a layer op (W of Conv/ConvTranspose, B of Gemm, a MatMul
 partner is not constant, W and R of LSTM/GRU/RNN, a Gather's table) that is not itself a
 constant but is computed by standard, deterministic ops (no subgraphs, nothing random) from
 constants only, with at most :data:`MAX_CHAIN` nodes, is evaluated once (``onnx.reference``) and
-read from a new initializer of the main graph under the same name instead. The chain's nodes and
+read from a new initializer of the main graph under the same name instead; weights that come out
+identical (two If branches reordering one parameter, as in silero-vad) share one initializer,
+so they are encoded once. The chain's nodes and
 the constants only they read are removed when nothing else reads them. Nothing else changes; the
 caller's file is never touched (this runs on onnxvq's in-memory copy).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -46,6 +49,7 @@ def fold_weight_chains(model: ir.Model) -> list[str]:
     """Fold every constant-computed weight of ``model`` in place (module docstring); returns the
     names of the weights folded."""
     folded = []
+    seen: dict[tuple, ir.Value] = {}  # identical results (two branches reordering one parameter)
     for node in list(iter_nodes(model)):
         if node.domain != "" or node.op_type not in _WEIGHT_SLOTS:
             continue
@@ -66,7 +70,11 @@ def fold_weight_chains(model: ir.Model) -> list[str]:
             if array.dtype.kind != "f" or array.ndim < 2:  # a shape or an index, not a weight
                 continue
             name = value.name
-            _replace(model, value, array)
+            key = (array.shape, array.dtype.str, hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest())
+            if key in seen:  # one initializer, so the layers share one encoding
+                value.replace_all_uses_with(seen[key])
+            else:
+                seen[key] = _replace(model, value, array)
             _remove_dead(chain)
             folded.append(name)
     if folded:
@@ -116,7 +124,7 @@ def _evaluate(value: ir.Value, chain: list[ir.Node], opset: int) -> np.ndarray:
     return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
 
 
-def _replace(model: ir.Model, value: ir.Value, array: np.ndarray) -> None:
+def _replace(model: ir.Model, value: ir.Value, array: np.ndarray) -> ir.Value:
     """Make ``value``'s readers read a main-graph initializer holding ``array`` (same name)."""
     name = value.name
     value.name = f"{name}.onnxvq_folded"
@@ -124,6 +132,7 @@ def _replace(model: ir.Model, value: ir.Value, array: np.ndarray) -> None:
     folded = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
     model.graph.register_initializer(folded)
     value.replace_all_uses_with(folded)
+    return folded
 
 
 def _remove_dead(chain: list[ir.Node]) -> None:

@@ -276,3 +276,39 @@ def test_no_layer_is_offered_less_than_the_uniform_floor():
     # option c of the knapsack is rung offered()[c - 1]: what refinement measures
     assert [ladder.offered() for ladder in ladders] == [[0, 1], [0, 1]]
     assert [o.nbytes for o in ladders[0].options()[1:]] == [ladders[0].rungs[i].nbytes for i in ladders[0].offered()]
+
+
+def _length_bound_model():
+    """x (1, T) -> Reshape to (4, 400): runs only when T = 1600 (a window length noise misses)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from models import make_model, weight
+
+    nodes = [
+        helper.make_node("Reshape", ["x", "frames"], ["framed"]),
+        helper.make_node("MatMul", ["framed", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    return make_model(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        [numpy_helper.from_array(np.array([4, 400], np.int64), "frames"),
+         numpy_helper.from_array(weight((400, 128), 1), "w1"), numpy_helper.from_array(weight((128, 32), 2), "w2")],
+    )
+
+
+def test_a_model_that_does_not_run_on_generated_inputs_is_allocated_from_its_weights(caplog):
+    model = _length_bound_model()
+    with caplog.at_level("WARNING", logger="onnxvq.allocation"):
+        result = onnxvq.compress(model, target_ratio=6)
+    assert "allocated from the weights alone" in caplog.text
+    assert len(model.SerializeToString()) / len(result.to_proto().SerializeToString()) >= 6
+    x = {"x": rng(1).standard_normal((1, 1600)).astype(np.float32)}
+    reference = run_ort(model, x)[0]
+    assert np.sum((run_ort(result.to_proto(), x)[0] - reference) ** 2) / np.sum(reference**2) < 0.5
+
+
+def test_calibration_data_the_model_cannot_run_is_a_clear_error():
+    with pytest.raises(onnxvq.OnnxVQError, match="did not run on the calibration data"):
+        onnxvq.compress(_length_bound_model(), target_ratio=6, calib=[{"x": np.zeros((1, 64), np.float32)}] * 4)
