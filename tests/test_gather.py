@@ -178,3 +178,26 @@ def test_a_tied_embedding_is_encoded_once_for_the_lookup_and_the_output_projecti
     feeds = {"tokens": rng(5).integers(0, 2048, (9,)).astype(np.int64)}
     twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
     np.testing.assert_allclose(run_ort(compressed, feeds)[0], run_ort(twin, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, params", [("lr2vq", {"k": 64, "d": 8}), ("ssvq", {"k": 16, "d": 8})])
+def test_every_method_encodes_a_table_and_a_conv_transpose(method, params):
+    table = (0.1 * rng(6).standard_normal((512, 24))).astype(np.float32)
+    up = (0.1 * rng(7).standard_normal((24, 16, 2))).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "tokens"], ["embedded"], name="embed"),  # (B, T, 24)
+        helper.make_node("Transpose", ["embedded"], ["channels"], perm=[0, 2, 1]),
+        helper.make_node("ConvTranspose", ["channels", "U"], ["y"], name="up", strides=[2]),
+    ]
+    model = make_model(
+        nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(up, "U")],
+    )
+    result = onnxvq.compress(model, method=method, min_size=0, **params)
+    assert all(l.compressed and l.method == method for l in result.summary.layers)
+    compressed = result.to_proto()
+    assert sorted(n.op_type for n in compressed.graph.node if n.domain == ops.DOMAIN) == ["VQConvTranspose", "VQGather"]
+    feeds = {"tokens": rng(8).integers(0, 512, (2, 6)).astype(np.int64)}
+    twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
+    np.testing.assert_allclose(run_ort(compressed, feeds)[0], run_ort(twin, feeds)[0], rtol=1e-5, atol=1e-5)

@@ -193,3 +193,14 @@ def test_end_to_end_fine_tuning_runs_through_the_recurrent_layer():
     compressed = result.to_proto()
     got = run_ort(compressed, FEEDS)[0]
     np.testing.assert_allclose(got, run_ort(_twin(compressed), FEEDS)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, params", [("lr2vq", {"k": 64, "d": 8}), ("ssvq", {"k": 16, "d": 8})])
+def test_every_method_encodes_a_recurrent_layer(method, params):
+    original = crnn("LSTM")
+    result = onnxvq.compress(original, method=method, min_size=0, **params)
+    layer = next(l for l in result.summary.layers if l.op_type == "LSTM")
+    assert layer.compressed and layer.method == method
+    compressed = result.to_proto()
+    got = run_ort(compressed, FEEDS)[0]
+    np.testing.assert_allclose(got, run_ort(_twin(compressed), FEEDS)[0], rtol=1e-5, atol=1e-5)
