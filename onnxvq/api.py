@@ -24,11 +24,10 @@ from onnxvq.activations import LayerInputs, capture_inputs
 from onnxvq.allocation import allocate
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
 from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes
-from onnxvq.integer_ops import convert_integer_ops, restore_unencoded
-from onnxvq.weight_folding import fold_weight_chains
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
 from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
+from onnxvq.integer_ops import convert_integer_ops, restore_unencoded
 from onnxvq.methods import Encoded, get_method
 from onnxvq.model_check import check_model
 from onnxvq.model_io import SOURCE_FILES, all_tensors, load_model, save_model
@@ -39,6 +38,7 @@ from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceWit
 from onnxvq.summary import LayerReport, Summary, sqnr_db
 from onnxvq.tuning import WeightJob, output_sqnr_db
 from onnxvq.tuning import finetune as finetune_jobs
+from onnxvq.weight_folding import fold_weight_chains
 
 __all__ = ["PROVENANCE_KEY", "CompressResult", "compress", "decompress"]
 

@@ -1,14 +1,16 @@
 """Which nodes of a model can be compressed, and why the others are left alone.
 
-A *layer* is a Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU, RNN or embedding Gather node (in the main graph or
-any If/Loop/Scan body) whose weight is a constant: an initializer that is not also a graph input, or the output of
-a ``Constant`` node (older exporters store weights that way). The weight is Conv's or ConvTranspose's W, Gemm's B,
-either MatMul operand when the other is not constant, a Gather's table (a float matrix read on
-axis 0 by run-time indices), or a recurrent op's W and R together (both
-constant, joined as in :mod:`onnxvq.layout`; :attr:`Layer.parts` names the two). A
-``DequantizeLinear`` of constants (the weights of a QDQ model, as onnxruntime's
-``quantize_static`` writes them) counts as a constant: its float value is encoded and the
-integer tensor goes. Layers that share one weight are encoded once (see :func:`group_by_weight`).
+A *layer* is a Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU, RNN or embedding Gather node (in
+the main graph or any If/Loop/Scan body) whose weight is a constant: an initializer that is not
+also a graph input, or the output of a ``Constant`` node (older exporters store weights that
+way). The weight is Conv's or ConvTranspose's W, Gemm's B, either MatMul operand when the other
+is not constant, a Gather's table (a float matrix read on axis 0 by run-time indices), or a
+recurrent op's W and R together (both constant, joined as in :mod:`onnxvq.layout`;
+:attr:`Layer.parts` names the two). A ``DequantizeLinear`` of constants (the weights of a QDQ
+model, as onnxruntime's ``quantize_static`` writes them) counts as a constant: its float value is
+encoded and the integer tensor goes. (Weights computed from constants and onnxruntime's integer
+ops are turned into such layers first: :mod:`onnxvq.weight_folding`, :mod:`onnxvq.integer_ops`.)
+Layers that share one weight are encoded once (see :func:`group_by_weight`).
 
 Layer names are what configs and ``--skip`` refer to: the node's name, or, for unnamed or
 duplicate node names, ``<op_type>:<weight name>``.

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnxvq import ops
 from onnxvq.api import PROVENANCE_KEY
 from onnxvq.candidates import find_layers, iter_nodes
+from onnxvq.integer_ops import convert_integer_ops
 from onnxvq.weight_folding import fold_weight_chains
 from onnxvq.summary import format_bytes, format_table
 
@@ -41,9 +42,10 @@ class VQLayerInfo:
 
 def inspect_model(model: ir.Model) -> dict:
     """Candidate layers, nodes left alone and VQ layers of ``model`` as plain data (weights
-    computed from constants counted as compress will count them: folded, in a copy)."""
+    computed from constants and integer ops counted as compress counts them, in a copy)."""
     model = model.clone()
     fold_weight_chains(model)
+    convert_integer_ops(model)
     layers, left_alone = find_layers(model)
     candidates = [
         {
