@@ -48,6 +48,7 @@ __all__ = [
     "capturable",
     "capture_inputs",
     "open_session",
+    "position_selector",
     "run_model",
     "tap_names",
     "values_by_name",
@@ -136,19 +137,26 @@ def capture_inputs(
         for layer in layers:
             names = taps[layer.name]
             module, attrs = consumers[layer.name]
-            chosen: list[np.ndarray] = []
-
-            def select(total: int) -> np.ndarray:
-                if not chosen:
-                    n = min(total, positions_per_batch)
-                    chosen.append(np.sort(rng.choice(total, n, replace=False)) if n < total else np.arange(total))
-                return chosen[0]
-
+            select = position_selector(rng, positions_per_batch)
             x_o = module.input_vectors(_activation(acts_o, names), layer.weight_shape, attrs, select)
             x_q = module.input_vectors(_activation(acts_q, names), layer.weight_shape, attrs, select) if swapped else x_o
             accumulators[layer.weight.name].add(x_q, x_o, rng.permutation(len(x_q))[:keep_per_batch])
         del acts_o, acts_q
     return {name: acc.result(max_rows) for name, acc in accumulators.items()}
+
+
+def position_selector(rng: np.random.Generator, limit: int):
+    """An op module's ``select(total)``: at most ``limit`` of the ``total`` positions, drawn once
+    (sorted) and then the same on every call, so paired captures read the same positions."""
+    chosen: list[np.ndarray] = []
+
+    def select(total: int) -> np.ndarray:
+        if not chosen:
+            n = min(total, limit)
+            chosen.append(np.sort(rng.choice(total, n, replace=False)) if n < total else np.arange(total))
+        return chosen[0]
+
+    return select
 
 
 def run_model(model: ir.Model, calib: CalibrationSet, *, quantized: Mapping[str, np.ndarray] | None = None,

@@ -38,7 +38,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxvq import ops
-from onnxvq.activations import Accumulator, LayerInputs, capturable, open_session, tap_names, values_by_name
+from onnxvq.activations import (
+    Accumulator,
+    LayerInputs,
+    capturable,
+    open_session,
+    position_selector,
+    tap_names,
+    values_by_name,
+)
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer, weight_feeds
 
@@ -132,14 +140,7 @@ class GraphWalk:
         per_batch = max(1, -(-self.max_rows // len(self._frontier_o)))
         accumulator = Accumulator(paired=True, moments=False)
         for frontier_o, frontier_q in zip(self._frontier_o, self._frontier_q):
-            chosen: list[np.ndarray] = []
-
-            def select(total: int) -> np.ndarray:
-                if not chosen:
-                    n = min(total, per_batch)
-                    chosen.append(np.sort(rng.choice(total, n, replace=False)) if n < total else np.arange(total))
-                return chosen[0]
-
+            select = position_selector(rng, per_batch)
             x_o = module.input_vectors(self._unpacked(frontier_o, tap), layer.weight_shape, attrs, select)
             x_q = module.input_vectors(self._unpacked(frontier_q, tap), layer.weight_shape, attrs, select)
             accumulator.add(x_q, x_o, np.arange(len(x_q)))

@@ -105,7 +105,8 @@ class RecurrentOp:
             previous = np.concatenate([y[1:, d], h0[d][None]]) if backwards else np.concatenate([h0[d][None], y[:-1, d]])
             groups.append(np.concatenate([x[t, b], previous[t, b]], axis=-1))
         vectors = np.stack(groups, axis=1)
-        assert vectors.shape[-1] == width, (vectors.shape, weight_shape)
+        if vectors.shape[-1] != width:
+            raise ValueError(f"input size {x.shape[-1]} + hidden size {hidden} != the weight's {width} columns")
         return vectors
 
     def input_names(self, variant: vq_weight.Variant) -> list[str]:
