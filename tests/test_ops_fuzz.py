@@ -1,7 +1,7 @@
 """Fuzzed agreement of the ai.onnxvq ops (hypothesis, derandomized: the same examples every run).
 
 Each example draws a consumer (Conv 1-D/2-D/3-D with groups, strides, pads or auto_pad,
-dilations; Gemm with transA/transB/alpha/beta and every bias broadcast; MatMul with batched
+dilations; ConvTranspose 1-D/2-D with strides, pads and output_padding; Gemm with transA/transB/alpha/beta and every bias broadcast; MatMul with batched
 weights on either side and broadcast or vector activations), a coding (k, hence 4/8/16-bit codes;
 d dividing the rows or not; the extras of pq, lr2vq, ssvq, with or without per-channel scales;
 float16 or float32 codebooks) and an opset from 11 to 21, then holds equal:
@@ -114,7 +114,25 @@ def matmul_cases(draw):
     return ("matmul", weight_shape, input_shape, {"weight_left": 1} if left else {}, None)
 
 
-CASES = {ops.vq_conv: conv_cases(), ops.vq_gemm: gemm_cases(), ops.vq_matmul: matmul_cases()}
+@st.composite
+def conv_transpose_cases(draw):
+    """(name, weight shape, input shape, ConvTranspose attributes, bias shape or None); one group
+    (onnx's reference ConvTranspose has none; grouped forms are tested against onnxruntime in
+    ``test_ops``)."""
+    spatial = draw(st.integers(1, 2))
+    c_in, c_out = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kernel = draw(st.lists(st.integers(1, 3), min_size=spatial, max_size=spatial))
+    strides = draw(st.lists(st.integers(1, 2), min_size=spatial, max_size=spatial))
+    pads = [draw(st.integers(0, (k - 1) // 2)) for k in kernel] * 2  # the output keeps >= 1 position
+    output_padding = [draw(st.integers(0, s - 1)) for s in strides]
+    size = draw(st.lists(st.integers(2, 5), min_size=spatial, max_size=spatial))
+    attrs = {"strides": strides, "pads": pads, "output_padding": output_padding}
+    bias = (c_out,) if draw(st.booleans()) else None
+    return ("fuzz_conv_transpose", (c_in, c_out, *kernel), (draw(st.integers(1, 2)), c_in, *size), attrs, bias)
+
+
+CASES = {ops.vq_conv: conv_cases(), ops.vq_conv_transpose: conv_transpose_cases(), ops.vq_gemm: gemm_cases(),
+         ops.vq_matmul: matmul_cases()}
 # k over all three code widths; 4-bit with a short codebook (k < 16) as well as a full one.
 K = st.one_of(st.integers(1, 16), st.integers(17, 256), st.integers(257, 600))
 
@@ -162,6 +180,12 @@ def _assert_body_agreement(mod, case, k, d, opset, extras, codebook_dtype, seed)
 @given(case=conv_cases(), coding=codings(), seed=st.integers(0, 2**16))
 def test_conv_body_agreement(case, coding, seed):
     _assert_body_agreement(ops.vq_conv, case, *coding, seed)
+
+
+@settings(FUZZ, max_examples=30)
+@given(case=conv_transpose_cases(), coding=codings(), seed=st.integers(0, 2**16))
+def test_conv_transpose_body_agreement(case, coding, seed):
+    _assert_body_agreement(ops.vq_conv_transpose, case, *coding, seed)
 
 
 @FUZZ
