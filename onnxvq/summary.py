@@ -197,7 +197,7 @@ class Summary:
                 f"({self.file_ratio:.1f}x)"
             )
         if self.left_alone:
-            lines.append(f"{len(self.left_alone)} node(s) of those kinds left alone (see `onnxvq inspect`)")
+            lines.append(f"{len(self.left_alone)} weight-bearing node(s) left alone (see `onnxvq inspect`)")
         lines += self._calibration_lines()
         if self.check is not None and self.calibration is None:
             if self.check.quality is not None:
