@@ -52,7 +52,6 @@ def function(variant: vq_weight.Variant, opset: int):
         "one = Constant <value = int64[1] {1}> ()",
         "last = Constant <value = int64[1] {-1}> ()",
         "wshape = Constant <value: tensor = @weight_shape> ()",
-        "table_rows = Gather <axis = 0> (wshape, zero)",
         "cols = Gather <axis = 0> (wshape, one)",
         # Gather's negative indices count from the end; Gather on the codes does the same.
         "at = Cast <to = 7> (indices)",
