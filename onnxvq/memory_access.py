@@ -16,9 +16,10 @@ MACs (multiply-accumulates)
     that ``pads`` crop off are computed, so counted). Gemm: ``M * N * K`` (K from A and
     ``transA``). MatMul: ``prod(batch) * M * N * K`` with numpy broadcasting, i.e. ``numel(Y) *
     K``. LSTM/GRU/RNN: ``seq * batch * D * G*H * (I + H)``, W and R applied at every step
-    (element-wise gate math not counted). The ``ai.onnxvq`` ops count the MACs of the op they stand for (their ``weight_shape``
-    attribute gives the weight); the decode gathers are table look-ups, not MACs, and are not
-    counted. Every other op: 0 MACs (its traffic still counts).
+    (element-wise gate math not counted); an embedding Gather: 0. The ``ai.onnxvq`` ops count
+    the MACs of the op they stand for (their ``weight_shape`` attribute gives the weight); the
+    decode gathers are table look-ups, not MACs, and are not counted. Every other op: 0 MACs
+    (its traffic still counts).
 
 Weight bytes (what a node fetches that is not an activation)
     Every input that is a constant (an initializer that is not a graph input, or a ``Constant``

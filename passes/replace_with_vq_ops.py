@@ -1,15 +1,18 @@
-"""Replace compressed Conv/Gemm/MatMul nodes by their ``ai.onnxvq`` ops.
+"""Replace compressed layer nodes (Conv, ConvTranspose, Gemm, MatMul, Gather, LSTM, GRU, RNN)
+by their ``ai.onnxvq`` ops.
 
 Rule: for each ``(layer, packed)`` pair, the layer's node ``Conv(X, W[, B])``,
 ``Gemm(A, W[, C])``, ``MatMul(X, W)``, ``MatMul(W, X)`` or ``LSTM(X, W, R[, B, ...])`` (GRU, RNN)
 becomes ``VQConv(X, codes, codebook[, projection][, signs][, scales][, B])`` (etc.; a recurrent
 op's W and R are one encoded weight, its optional inputs follow, and it declares every output
-of its body) with the node's own attributes unchanged, the VQ attributes of ``onnxvq.ops.vq_weight`` added, and the overload of its structural
-variant. The new node keeps the old node's name, doc string, metadata and output values (so names,
-types and shapes downstream are untouched). A weight shared by several layers gets one set of
-initializers, ``<weight>.vq_codes``, ``<weight>.vq_codebook`` and ``<weight>.vq_<extra>`` for each
-extra encoded tensor, in the main graph (subgraph nodes read them from the outer scope). A dense weight left without users is removed: its
-initializer, or the ``Constant`` node that produced it. Nothing else in the graph changes.
+of its body; a Gather's indices come first) with the node's own attributes unchanged, the VQ
+attributes of ``onnxvq.ops.vq_weight`` added, and the overload of its structural variant. The
+new node keeps the old node's name, doc string, metadata and output values (so names, types and
+shapes downstream are untouched). A weight shared by several layers gets one set of
+initializers, ``<weight>.vq_codes``, ``<weight>.vq_codebook`` and ``<weight>.vq_<extra>`` for
+each extra encoded tensor, in the main graph (subgraph nodes read them from the outer scope). A
+dense weight left without users is removed: its initializer, the ``Constant`` node that produced
+it, or a QDQ weight's ``DequantizeLinear`` and integer tensor. Nothing else in the graph changes.
 """
 
 from __future__ import annotations
