@@ -92,9 +92,7 @@ def decode(codes: np.ndarray, codebook: np.ndarray, **named) -> np.ndarray:
 
 
 def function(variant: vq_weight.Variant, opset: int):
-    refs = ", ".join(
-        f"{a}: {_REF_TYPES.get(a, 'ints')} = @{a}" for a in CONSUMER_ATTRIBUTES
-    )
+    refs = vq_weight.attribute_refs(CONSUMER_ATTRIBUTES, _REF_TYPES, "ints")
     return vq_weight.make_function(
         op_type=OP_TYPE, variant=variant, opset=opset, inputs=input_names(variant),
         attributes=list(CONSUMER_ATTRIBUTES), consumer=f"Y = Conv <{refs}> (X, w, B)",

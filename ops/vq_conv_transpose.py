@@ -15,8 +15,6 @@ Inputs: ``X``, ``codes``, ``codebook``, the variant's extras (``projection``, ``
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
-from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from onnxvq.ops import vq_weight
@@ -51,7 +49,7 @@ def decode(codes: np.ndarray, codebook: np.ndarray, **named) -> np.ndarray:
 
 
 def function(variant: vq_weight.Variant, opset: int):
-    refs = ", ".join(f"{a}: {_REF_TYPES.get(a, 'ints')} = @{a}" for a in CONSUMER_ATTRIBUTES)
+    refs = vq_weight.attribute_refs(CONSUMER_ATTRIBUTES, _REF_TYPES, "ints")
     return vq_weight.make_function(
         op_type=OP_TYPE, variant=variant, opset=opset, inputs=input_names(variant),
         attributes=list(CONSUMER_ATTRIBUTES), consumer=f"Y = ConvTranspose <{refs}> (X, w, B)",
@@ -67,12 +65,8 @@ class VQConvTranspose(OpRun):
         extras, rest = vq_weight.split_inputs(self.onnx_node.overload, rest)
         W = decode(codes, codebook, **extras, **attributes)
         own = {a: attributes[a] for a in CONSUMER_ATTRIBUTES if attributes.get(a) is not None}
-        feeds = {"X": X, "W": W, **({"B": rest[0]} if rest and rest[0] is not None else {})}
-        node = helper.make_node("ConvTranspose", list(feeds), ["Y"], **own)
-        infos = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None) for n, a in feeds.items()]
-        graph = helper.make_graph([node], "reference", infos, [helper.make_tensor_value_info("Y", 0, None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        return (ReferenceEvaluator(model).run(None, feeds)[0].astype(X.dtype),)
+        (Y,) = vq_weight.run_standard_op("ConvTranspose", [X, W, rest[0] if rest else None], own, 1, opset=17)
+        return (Y.astype(X.dtype),)
 
 
 # Conformance cases: (name, weight shape, input shape, attributes, bias shape or None). onnx's

@@ -26,8 +26,6 @@ import dataclasses
 
 import numpy as np
 import onnx
-from onnx import helper
-from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from onnxvq.layout import split_recurrent
@@ -123,7 +121,7 @@ class RecurrentOp:
 
     def function(self, variant: vq_weight.Variant, opset: int) -> onnx.FunctionProto:
         names = [a for a in self.own_attributes] + (["layout"] if opset >= _LAYOUT_OPSET else [])
-        refs = ", ".join(f"{a}: {_ATTRIBUTE_TYPES.get(a, 'int')} = @{a}" for a in names)
+        refs = vq_weight.attribute_refs(names, _ATTRIBUTE_TYPES, "int")
         consumer = [
             "rnn_two = Constant <value = int64[1] {2}> ()",
             f"rnn_gates = Constant <value = int64[1] {{{self.gates}}}> ()",
@@ -149,23 +147,10 @@ class RecurrentOp:
             extras, rest = vq_weight.split_inputs(self.onnx_node.overload, rest)
             W, R = op.split(op.decode(codes, codebook, **extras, **attributes))
             own = {a: attributes[a] for a in op.CONSUMER_ATTRIBUTES if attributes.get(a) is not None}
-            return op.run_reference(X, W, R, list(rest), own, len(self.onnx_node.output))
+            opset = _LAYOUT_OPSET if "layout" in own else 13
+            return tuple(vq_weight.run_standard_op(op.CONSUMER, [X, W, R, *rest], own, len(self.onnx_node.output), opset))
 
         return type(self.OP_TYPE, (OpRun,), {"op_domain": vq_weight.DOMAIN, "_run": _run})
-
-    def run_reference(self, X, W, R, rest: list, attributes: dict, n_outputs: int):
-        """The original op in ``onnx.reference`` (a one-node model: its kernels are not public)."""
-        names = ["X", "W", "R"] + [f"in{i}" if a is not None else "" for i, a in enumerate(rest)]
-        feeds = {"X": X, "W": W, "R": R, **{f"in{i}": a for i, a in enumerate(rest) if a is not None}}
-        while names[-1] == "":
-            names.pop()
-        outputs = list(self.outputs[:n_outputs])
-        node = helper.make_node(self.CONSUMER, names, outputs, **attributes)
-        infos = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None) for n, a in feeds.items()]
-        graph = helper.make_graph([node], "reference", infos, [helper.make_tensor_value_info(o, 0, None) for o in outputs])
-        opset = 14 if "layout" in attributes else 13
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        return tuple(ReferenceEvaluator(model).run(None, feeds))
 
 
 _COMMON = ("activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size")

@@ -64,6 +64,7 @@ __all__ = [
     "VERSION",
     "VQ_ATTRIBUTES",
     "Variant",
+    "attribute_refs",
     "codebook_lines",
     "decode_body",
     "decode_weight",
@@ -72,6 +73,7 @@ __all__ = [
     "make_function",
     "node_variant",
     "np_dtype",
+    "run_standard_op",
     "sign_table_lines",
     "split_extras",
     "split_inputs",
@@ -346,6 +348,30 @@ def make_function(
     function = onnx.parser.parse_function(text)
     function.overload = variant.overload
     return function
+
+
+def attribute_refs(names, types: dict[str, str], default: str) -> str:
+    """The attribute references of a body's consumer node, ``"a: type = @a, ..."``: each of the
+    op's own attributes passed through as the node has it (``types``: name -> text-format type)."""
+    return ", ".join(f"{a}: {types.get(a, default)} = @{a}" for a in names)
+
+
+def run_standard_op(op_type: str, inputs: list, attributes: dict, n_outputs: int, opset: int) -> list:
+    """One standard op in ``onnx.reference`` (a one-node model: its kernels are not public API);
+    ``inputs`` holds an array or None (an omitted optional input) per slot."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{i}" if a is not None else "" for i, a in enumerate(inputs)]
+    while names and names[-1] == "":
+        names.pop()
+    feeds = {n: a for n, a in zip(names, inputs) if n}
+    outputs = [f"out{i}" for i in range(n_outputs)]
+    infos = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None) for n, a in feeds.items()]
+    graph = helper.make_graph([helper.make_node(op_type, names, outputs, **attributes)], "reference", infos,
+                              [helper.make_tensor_value_info(o, 0, None) for o in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, feeds)
 
 
 def weight_from_attributes(
