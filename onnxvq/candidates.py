@@ -31,6 +31,7 @@ from onnxvq.layout import join_recurrent, split_recurrent
 __all__ = [
     "SOURCE",
     "STORED_BYTES",
+    "WEIGHT_SLOTS",
     "Layer",
     "LeftAlone",
     "constant_tensor",
@@ -136,6 +137,10 @@ class LeftAlone:
     reason: str
 
 
+# The inputs that may hold each layer op's weight, in the order they are tried.
+WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1, 0), "Gather": (0,),
+                **{op: (1, 2) for op in ops.RECURRENT}}
+
 # Metadata keys of a weight value standing for an integer tensor (onnxvq.integer_ops): its stored
 # bytes and what it was.
 STORED_BYTES = "onnxvq.stored_bytes"
@@ -216,10 +221,7 @@ def _find_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | str:
         return _recurrent_weight(node)
     if node.op_type == "Gather":  # an embedding table, the data input (_not_a_table filtered)
         return 0, constant_tensor(inputs[0]), ()
-    if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
-        slots = [1]
-    else:  # MatMul: either side, when only that side is constant
-        slots = [1, 0]
+    slots = WEIGHT_SLOTS[node.op_type]  # MatMul: either side, when only that side is constant
     constants = {i: constant_tensor(inputs[i]) or dequantized_tensor(inputs[i]) for i in range(min(2, len(inputs)))}
     if node.op_type == "MatMul" and all(constants.get(i) is not None for i in (0, 1)):
         return "both MatMul inputs are constant (fold it instead)"

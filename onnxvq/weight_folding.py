@@ -27,8 +27,7 @@ import onnx_ir as ir
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxvq import ops
-from onnxvq.candidates import constant_tensor, iter_nodes
+from onnxvq.candidates import WEIGHT_SLOTS, constant_tensor, iter_nodes
 from onnxvq.passes._values import remove_if_dead
 
 __all__ = ["MAX_CHAIN", "fold_weight_chains"]
@@ -40,9 +39,6 @@ MAX_CHAIN = 32
 # DequantizeLinear of constants: onnxvq.candidates.dequantized_tensor).
 _NOT_FOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
                "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
-# The weight inputs of each layer op, by input index.
-_WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (0, 1), "Gather": (0,),
-                 **{op: (1, 2) for op in ops.RECURRENT}}
 
 
 def fold_weight_chains(model: ir.Model) -> list[str]:
@@ -51,9 +47,9 @@ def fold_weight_chains(model: ir.Model) -> list[str]:
     folded = []
     seen: dict[tuple, ir.Value] = {}  # identical results (two branches reordering one parameter)
     for node in list(iter_nodes(model)):
-        if node.domain != "" or node.op_type not in _WEIGHT_SLOTS:
+        if node.domain != "" or node.op_type not in WEIGHT_SLOTS:
             continue
-        for slot in _WEIGHT_SLOTS[node.op_type]:
+        for slot in WEIGHT_SLOTS[node.op_type]:
             value = node.inputs[slot] if slot < len(node.inputs) else None
             if value is None or constant_tensor(value) is not None:
                 continue
