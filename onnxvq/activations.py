@@ -40,6 +40,7 @@ import onnxruntime as ort
 from onnxvq import ops
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer, weight_feeds
+from onnxvq.passes._values import read_from_initializer
 
 __all__ = [
     "FULL_MOMENT_COLS",
@@ -335,7 +336,4 @@ def _swap_weight(value: ir.Value, array: np.ndarray) -> None:
         for key in [k for k in producer.attributes if k != "value"]:
             del producer.attributes[key]
         return
-    replacement = ir.Value(name=f"{value.name}.onnxvq_swapped", shape=tensor.shape,
-                           type=ir.TensorType(tensor.dtype), const_value=tensor)
-    producer.graph.register_initializer(replacement)
-    value.replace_all_uses_with(replacement)
+    read_from_initializer(producer.graph, value, tensor)

@@ -27,6 +27,7 @@ import onnx_ir as ir
 from onnxvq.activations import open_session
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import Layer, dequantized_tensor
+from onnxvq.passes._values import read_from_initializer
 
 __all__ = ["ELEMENTWISE", "MeasuredOutput", "OutputSensitivity", "measured_output"]
 
@@ -92,15 +93,10 @@ class OutputSensitivity:
 def _lift_dequantized(graph: ir.Graph, names: set[str]) -> None:
     """A QDQ weight (DequantizeLinear of constants) among ``names`` becomes an initializer of its
     float value under its own name, which a feed can override; in the measuring copy only."""
-    values = {v.name: v for node in graph for v in node.outputs if v.name in names}
-    for name, value in values.items():
+    for value in [v for node in graph for v in node.outputs if v.name in names]:
         tensor = dequantized_tensor(value)
-        if tensor is None:
-            continue
-        value.name = f"{name}.onnxvq_dequantized"
-        lifted = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-        graph.register_initializer(lifted)
-        value.replace_all_uses_with(lifted)
+        if tensor is not None:
+            read_from_initializer(graph, value, tensor)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxvq.candidates import WEIGHT_SLOTS, constant_tensor, iter_nodes
-from onnxvq.passes._values import remove_if_dead
+from onnxvq.passes._values import read_from_initializer, remove_if_dead
 
 __all__ = ["MAX_CHAIN", "fold_weight_chains"]
 
@@ -70,7 +70,7 @@ def fold_weight_chains(model: ir.Model) -> list[str]:
             if key in seen:  # one initializer, so the layers share one encoding
                 value.replace_all_uses_with(seen[key])
             else:
-                seen[key] = _replace(model, value, array)
+                seen[key] = read_from_initializer(model.graph, value, ir.tensor(np.ascontiguousarray(array), name=name))
             _remove_dead(chain)
             folded.append(name)
     if folded:
@@ -118,17 +118,6 @@ def _evaluate(value: ir.Value, chain: list[ir.Node], opset: int) -> np.ndarray:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
-
-
-def _replace(model: ir.Model, value: ir.Value, array: np.ndarray) -> ir.Value:
-    """Make ``value``'s readers read a main-graph initializer holding ``array`` (same name)."""
-    name = value.name
-    value.name = f"{name}.onnxvq_folded"
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    folded = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    model.graph.register_initializer(folded)
-    value.replace_all_uses_with(folded)
-    return folded
 
 
 def _remove_dead(chain: list[ir.Node]) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["register_initializer", "remove_if_dead", "replace_node", "unique_name", "value_names"]
+__all__ = ["read_from_initializer", "register_initializer", "remove_if_dead", "replace_node", "unique_name",
+           "value_names"]
 
 
 def register_initializer(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str]) -> ir.Value:
@@ -15,6 +16,17 @@ def register_initializer(graph: ir.Graph, name: str, array: np.ndarray, taken: s
     value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def read_from_initializer(graph: ir.Graph, value: ir.Value, tensor: ir.TensorProtocol) -> ir.Value:
+    """Make the readers of ``value`` (a node's output) read a new initializer of ``graph`` holding
+    ``tensor``, under ``value``'s name (``value`` is renamed out of its way); returns it."""
+    name = value.name
+    value.name = f"{name}.onnxvq_replaced"
+    initializer = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(initializer)
+    value.replace_all_uses_with(initializer)
+    return initializer
 
 
 def remove_if_dead(weight: ir.Value) -> None:
