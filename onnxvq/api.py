@@ -118,7 +118,8 @@ def compress(
     original_ir_version = model.ir_version
     total_float_params = _float_params(model)
 
-    input_bytes = _input_bytes(model)  # before the conversions below add float twins
+    # A size target's reference, taken before the conversions below add float twins.
+    input_bytes = _input_bytes(model) if config.targeted else 0
     fold_weight_chains(model)
     integer_layers = convert_integer_ops(model)
     layers, left_alone = find_layers(model)
