@@ -85,12 +85,16 @@ def test_walk_equals_a_full_capture_of_the_current_model(build, side, half):
     assert {i.name for i in again.graph.initializer} == {i.name for i in proto.graph.initializer}
 
 
-def test_walk_pairs_the_same_positions_and_is_seeded():
+def _cnn_setup(samples: int):
+    """(model, calibration set of ``samples`` feeds of 2 images, layers, original weights)."""
     model = ir.serde.deserialize_model(cnn())
-    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 3, 16, 16)).astype(np.float32)} for i in range(4)]
-    calib = load_calibration(feeds, model)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 3, 16, 16)).astype(np.float32)} for i in range(samples)]
     layers, _ = find_layers(model)
-    originals = {l.weight.name: l.weight_array() for l in layers}
+    return model, load_calibration(feeds, model), layers, {l.weight.name: l.weight_array() for l in layers}
+
+
+def test_walk_pairs_the_same_positions_and_is_seeded():
+    model, calib, layers, originals = _cnn_setup(4)
     runs = []
     for _ in range(2):
         walk = GraphWalk(model, calib, weights=originals, max_rows=40, batch_size=4, seed=3)
@@ -127,11 +131,7 @@ def test_graphs_with_control_flow_are_not_walked():
 
 
 def test_frontiers_past_the_byte_budget_keep_the_first_batches():
-    model = ir.serde.deserialize_model(cnn())
-    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 3, 16, 16)).astype(np.float32)} for i in range(6)]
-    calib = load_calibration(feeds, model)
-    layers, _ = find_layers(model)
-    originals = {l.weight.name: l.weight_array() for l in layers}
+    model, calib, layers, originals = _cnn_setup(6)
     # 6 batches of one sample (2 rows); at conv2 the frontier is relu1's (2, 32, 16, 16) float32,
     # 64 KiB per batch, twice (original and current): 2 batches fit in 300 KiB
     walk = GraphWalk(model, calib, weights=originals, max_rows=10**6, batch_size=2, seed=0, max_bytes=300 << 10,
