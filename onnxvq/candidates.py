@@ -153,8 +153,9 @@ _NOT_SUPPORTED = {
     "MatMulInteger": "its weight is not a constant only this node reads",
     "QLinearConv": "QOperator-format quantized op is not converted yet (QDQ models are)",
     "QLinearMatMul": "QOperator-format quantized op is not converted yet (QDQ models are)",
-    "MatMulNBits": "4-bit MatMulNBits weights are not converted yet",
-    "DynamicQuantizeLSTM": "quantized LSTM (com.microsoft) is not converted yet",
+    "MatMulNBits": ("its weight is not a constant only this node reads, it has g_idx (columns out of block "
+                    "order), or its width is not 2, 4 or 8 bits"),
+    "DynamicQuantizeLSTM": "its weights are not constants only this node reads",
 }
 
 

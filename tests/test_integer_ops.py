@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import onnxvq
-from models import cnn, make_model, rng, run_ort
+from models import cnn, make_model, rng, run_ort, weight
 from onnxvq.integer_ops import convert_integer_ops, restore_unencoded
 
 FEEDS = {"x": rng(50).standard_normal((2, 3, 16, 16)).astype(np.float32)}
@@ -104,3 +104,126 @@ def test_per_row_and_per_channel_zero_points():
     del conv_only.graph.output[0]
     del conv_only.graph.input[0]
     np.testing.assert_array_equal(conv, run_ort(conv_only, {"img": feeds["img"]})[0])
+
+
+def _nbits_model(tmp_path, k, n, bits, symmetric, *, bias=False, seed=0, hqq=False):
+    """(MatMulNBits model from onnxruntime's own quantizer, its fp32 source): an MLP's two
+    MatMuls, the first with a bias added to the quantized node (an input onnxruntime takes).
+    ``hqq``: the HQQ quantizer, whose zero points are floats like the scales."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    fp32 = make_model(
+        [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w1"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(weight((k, n), seed), "w0"), numpy_helper.from_array(weight((n, 10), seed + 1), "w1")],
+    )
+    source = onnx.ModelProto()
+    source.CopyFrom(fp32)
+    if hqq:
+        quantizer = MatMulNBitsQuantizer(source, algo_config=HQQWeightOnlyQuantConfig(block_size=32, bits=bits))
+    else:
+        quantizer = MatMulNBitsQuantizer(source, bits=bits, block_size=32, is_symmetric=symmetric)
+    quantizer.process()
+    quantized = quantizer.model.model
+    if bias:
+        node = next(n for n in quantized.graph.node if n.op_type == "MatMulNBits")
+        node.input.extend([""] * (5 - len(node.input)) + ["nbits_bias"])
+        quantized.graph.initializer.append(
+            numpy_helper.from_array(rng(seed).standard_normal(n).astype(np.float32), "nbits_bias"))
+    return quantized, fp32
+
+
+@pytest.mark.parametrize("bits, symmetric, k, hqq", [(4, True, 64, False), (4, False, 70, False), (8, False, 64, False),
+                                                     (8, True, 96, False), (2, False, 64, False), (4, False, 64, True)])
+def test_matmulnbits_becomes_the_matmul_it_stands_for(tmp_path, bits, symmetric, k, hqq):
+    """The float MatMul computes what onnxruntime's MatMulNBits kernel computes (K not a multiple
+    of the block, packed 2/4/8-bit zero points, float ones (HQQ), a bias), and is put back exactly."""
+    quantized, _ = _nbits_model(tmp_path, k, 40, bits, symmetric, bias=True, hqq=hqq)
+    assert [n.op_type for n in quantized.graph.node].count("MatMulNBits") == 2
+    feeds = {"x": rng(3).standard_normal((5, k)).astype(np.float32)}
+    want = run_ort(quantized, feeds)[0]
+    model = ir.serde.deserialize_model(quantized)
+    converted = convert_integer_ops(model)
+    as_float = ir.serde.serialize_model(model)
+    assert "MatMulNBits" not in _ops(as_float) and _ops(as_float).count("MatMul") == 2
+    np.testing.assert_allclose(run_ort(as_float, feeds)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert restore_unencoded(model, converted) == 2
+    restored = ir.serde.serialize_model(model)
+    assert _ops(restored) == _ops(quantized)
+    np.testing.assert_array_equal(run_ort(restored, feeds)[0], want)
+
+
+def test_a_4bit_matmulnbits_model_compresses_further(tmp_path):
+    quantized, fp32 = _nbits_model(tmp_path, 256, 512, 4, False, seed=1)
+    result = onnxvq.compress(quantized, k=256, d=8, min_size=0)
+    compressed = result.to_proto()
+    onnx.checker.check_model(compressed)
+    # the 512 x 10 head is smaller as int4 than with a codebook of 256 x 8: put back as it was
+    assert _ops(compressed) == ["VQMatMul", "Relu", "MatMulNBits"]
+    assert len(compressed.SerializeToString()) < 0.5 * len(quantized.SerializeToString())
+    feeds = {"x": rng(4).standard_normal((8, 256)).astype(np.float32)}
+    got, int4 = run_ort(compressed, feeds)[0], run_ort(quantized, feeds)[0]
+    assert np.sum((got - int4) ** 2) / np.sum(int4**2) < 0.5  # random weights: a 1-bit code is coarse
+    assert "MatMulNBits 4-bit weights (onnxruntime's MatMulNBitsQuantizer)" in result.summary.format()
+    twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
+    np.testing.assert_allclose(got, run_ort(twin, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def _lstm_model(directions=2, hidden=32, size=24):
+    r = rng(7)
+    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "Y_h"], hidden_size=hidden,
+                            direction="bidirectional" if directions == 2 else "forward", name="lstm")
+    weights = {"W": 0.3 * r.standard_normal((directions, 4 * hidden, size)),
+               "R": 0.3 * r.standard_normal((directions, 4 * hidden, hidden)),
+               "B": 0.1 * r.standard_normal((directions, 8 * hidden))}
+    return make_model(
+        [node, helper.make_node("Relu", ["Y"], ["z"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [7, 2, size])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None), helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in weights.items()], opset=14,
+    )
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_dynamic_quantize_lstm_becomes_an_lstm(tmp_path, per_channel):
+    """DynamicQuantizeLSTM (onnxruntime's quantize_dynamic on an LSTM) becomes the LSTM of its
+    dequantized weights: the same outputs but for the per-step activation quantization the float
+    op does not do; put back exactly."""
+    onnx.save(_lstm_model(), tmp_path / "lstm.onnx")
+    quantize_dynamic(str(tmp_path / "lstm.onnx"), str(tmp_path / "q.onnx"), op_types_to_quantize=["LSTM"],
+                     per_channel=per_channel)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert "DynamicQuantizeLSTM" in _ops(quantized)
+    feeds = {"x": rng(8).standard_normal((7, 2, 24)).astype(np.float32)}
+    want = run_ort(quantized, feeds)
+    model = ir.serde.deserialize_model(quantized)
+    converted = convert_integer_ops(model)
+    as_float = ir.serde.serialize_model(model)
+    assert "LSTM" in _ops(as_float) and "DynamicQuantizeLSTM" not in _ops(as_float)
+    for got, expected in zip(run_ort(as_float, feeds), want):  # 30 dB: the 8-bit activations' noise
+        assert np.sum((got - expected) ** 2) < 1e-3 * np.sum(expected**2)
+    assert restore_unencoded(model, converted) == 1
+    restored = ir.serde.serialize_model(model)
+    assert _ops(restored) == _ops(quantized)
+    for got, expected in zip(run_ort(restored, feeds), want):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_quantized_lstm_is_encoded(tmp_path):
+    onnx.save(_lstm_model(hidden=64, size=64), tmp_path / "lstm.onnx")
+    quantize_dynamic(str(tmp_path / "lstm.onnx"), str(tmp_path / "q.onnx"), op_types_to_quantize=["LSTM"], per_channel=True)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    result = onnxvq.compress(quantized, k=256, d=2, min_size=0)  # 4 bits per weight: half the int8 bytes
+    compressed = result.to_proto()
+    assert "VQLSTM" in _ops(compressed) and "DynamicQuantizeLSTM" not in _ops(compressed)
+    (layer,) = result.summary.layers
+    assert layer.bytes_before < 1.1 * layer.params  # counted at int8
+    assert len(compressed.SerializeToString()) < 0.7 * len(quantized.SerializeToString())
+    feeds = {"x": rng(9).standard_normal((7, 2, 64)).astype(np.float32)}
+    for got, expected in zip(run_ort(compressed, feeds), run_ort(quantized, feeds)):
+        assert np.sum((got - expected) ** 2) / np.sum(expected**2) < 0.05
+    twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
+    for got, expected in zip(run_ort(compressed, feeds), run_ort(twin, feeds)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
