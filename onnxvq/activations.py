@@ -18,7 +18,11 @@ drawn (at random, seeded) to accumulate the moments, and at most ``max_rows`` ve
 are kept for layer-wise training. Moments are float64 ``cols x cols``; over ``FULL_MOMENT_COLS``
 columns only their diagonal is kept.
 
-Layers that cannot be captured (inside an If/Loop/Scan body, or a batched MatMul weight whose
+A layer inside If branches (at any depth) is captured on the calibration samples that take its
+branch: each tapped value computed there, and a one-element "gate" constant added to the
+layer's branch, becomes an extra output of its branch and of the If (the other branch gives an
+empty tensor); a batch whose gate comes back empty adds nothing to that layer. Layers that cannot be captured (inside a
+Loop/Scan body, a weight that is not a main-graph initializer, or a batched MatMul weight whose
 inputs differ per batch entry) are absent from the result; they are encoded from weights alone.
 A recurrent op's input vectors are ``[x_t; h_(t-1)]`` per direction, rebuilt from its input
 sequence and its output ``Y`` (``ops.vq_recurrent``).
@@ -84,7 +88,10 @@ class LayerInputs:
 def capturable(layer: Layer, model: ir.Model) -> str | None:
     """Why ``layer``'s inputs cannot be captured, or None when they can."""
     if layer.node.graph is not model.graph:
-        return "inside a control-flow body"
+        if not _inside_if_branches(layer.node.graph, model.graph):
+            return "inside a Loop/Scan body"
+        if any(model.graph.initializers.get(v.name) is not v for v in layer.parts or (layer.weight,)):
+            return "inside an If branch, with a weight that is not a main-graph initializer"
     if layer.op_type == "MatMul" and len(layer.weight_shape) != 2:
         return "batched MatMul weight"
     if layer.op_type == "ConvTranspose":
@@ -122,8 +129,10 @@ def capture_inputs(
         return {}
     with _named_taps(layers):
         taps = tap_names(layers)
-        original = _TapSession(model, taps, None, taps_only=True)
-        swapped = _TapSession(model, taps, quantized, taps_only=True) if quantized else None
+        gates = {l.name: (f"onnxvq.gate.{i}", l.node.outputs[0].name)
+                 for i, l in enumerate(layers) if l.node.graph is not model.graph}
+        original = _TapSession(model, taps, None, taps_only=True, gates=dict(gates.values()))
+        swapped = _TapSession(model, taps, quantized, taps_only=True, gates=dict(gates.values())) if quantized else None
     batches = list(calib.batches(batch_size, max_bytes=CAPTURE_BATCH_BYTES))
     keep_per_batch = max(1, -(-max_rows // len(batches)))
     rng = np.random.default_rng(seed)
@@ -137,13 +146,15 @@ def capture_inputs(
         acts_q = swapped.run(feed) if swapped else acts_o
         for layer in layers:
             names = taps[layer.name]
+            if layer.name in gates and acts_o[gates[layer.name][0]].size == 0:  # its If branch did not run
+                continue
             module, attrs = consumers[layer.name]
             select = position_selector(rng, positions_per_batch)
             x_o = module.input_vectors(_activation(acts_o, names), layer.weight_shape, attrs, select)
             x_q = module.input_vectors(_activation(acts_q, names), layer.weight_shape, attrs, select) if swapped else x_o
             accumulators[layer.weight.name].add(x_q, x_o, rng.permutation(len(x_q))[:keep_per_batch])
         del acts_o, acts_q
-    return {name: acc.result(max_rows) for name, acc in accumulators.items()}
+    return {name: acc.result(max_rows) for name, acc in accumulators.items() if acc.count}
 
 
 def position_selector(rng: np.random.Generator, limit: int):
@@ -258,10 +269,18 @@ class _TapSession:
         quantized: Mapping[str, np.ndarray] | None,
         *,
         taps_only: bool = False,
+        gates: Mapping[str, str] | None = None,
     ):
+        """``gates``: gate name -> an output computed in an If branch, beside which a gate is
+        added (module docstring); gates are returned with the taps."""
         from onnx_ir.passes.common import RemoveUnusedNodesPass
 
         tapped = model.clone()
+        wanted = list(dict.fromkeys([n for names in taps.values() for n in names] + list(gates or {})))
+        hidden = [n for n in wanted if n not in values_by_name(tapped.graph)]
+        self.exposed: dict[str, str] = {}  # tap name -> the If output that carries it out
+        if hidden:
+            tapped, self.exposed = _expose_branch_values(tapped, hidden, gates or {})
         graph = tapped.graph
         values = values_by_name(graph)
         inputs = {v.name for v in graph.inputs}
@@ -270,7 +289,7 @@ class _TapSession:
             graph.outputs.clear()
             self.n_outputs = 0
         outputs = {v.name for v in graph.outputs}
-        for name in dict.fromkeys(n for names in taps.values() for n in names):
+        for name in (self.exposed.get(n, n) for n in wanted):
             if name not in outputs and name not in inputs:
                 graph.outputs.append(values[name])
                 outputs.add(name)
@@ -289,11 +308,89 @@ class _TapSession:
         if self.session is None:
             return dict(feed)
         results = dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
+        for name, carrier in self.exposed.items():
+            results[name] = results[carrier]
         results.update(feed)
         return results
 
     def run_outputs(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(self.output_names[: self.n_outputs], dict(feed))
+
+
+def _inside_if_branches(graph: ir.Graph, main: ir.Graph) -> bool:
+    """Whether ``graph`` is an If branch of ``main``, or of a graph that is, and so on."""
+
+    def search(parent: ir.Graph) -> bool:
+        for node in parent:
+            for attr in node.attributes.values():
+                if attr.type != ir.AttributeType.GRAPH:
+                    continue
+                if node.op_type == "If" and node.domain in ("", "ai.onnx") and (
+                        attr.value is graph or search(attr.value)):
+                    return True
+        return False
+
+    return search(main)
+
+
+def _expose_branch_values(model: ir.Model, names: list[str],
+                          gates: Mapping[str, str]) -> tuple[ir.Model, dict[str, str]]:
+    """A copy of ``model`` in which each named value computed inside If branches is also an
+    output of its If (``<name>.onnxvq_tapN``), through every enclosing If; the branch that does
+    not compute it outputs an empty tensor of its type. ``gates`` (gate name -> a value computed
+    in a branch) first adds each gate, a Constant int64 ``[1]``, beside that value. Returns (the
+    copy, name -> If output name). Works on the proto: onnx-ir fixes a node's output count when
+    the node is created."""
+    import onnx
+    from onnx import helper
+
+    types = {v.name: v.dtype for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs}
+    types.update({gate: ir.DataType.INT64 for gate in gates})
+    proto = ir.serde.serialize_model(model)
+    counter = iter(range(1 << 62))
+
+    def add_gates(graph: onnx.GraphProto) -> None:
+        produced = {o for n in graph.node for o in n.output}
+        for gate, beside in gates.items():
+            if beside in produced:
+                graph.node.append(helper.make_node(
+                    "Constant", [], [gate], value=helper.make_tensor(gate, onnx.TensorProto.INT64, [1], [1])))
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    add_gates(attr.g)
+
+    def expose(graph: onnx.GraphProto, wanted: set[str]) -> dict[str, str]:
+        carried: dict[str, str] = {}
+        for node in graph.node:
+            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+                continue
+            branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+            found = {}
+            for key, branch in branches.items():
+                here = {o: o for n in branch.node for o in n.output if o in wanted}
+                here.update(expose(branch, wanted - set(here)))
+                found[key] = here
+            for name in sorted(set().union(*found.values()) - set(carried)):
+                elem = int(types.get(name) or ir.DataType.FLOAT)
+                for key, branch in branches.items():
+                    inner = found[key].get(name)
+                    if inner is None:  # this branch does not compute it: an empty tensor
+                        inner = f"{name}.onnxvq_empty{next(counter)}"
+                        branch.node.append(helper.make_node(
+                            "Constant", [], [inner], value=helper.make_tensor(inner, elem, [0], [])))
+                    branch.output.append(helper.make_tensor_value_info(inner, elem, None))
+                carried[name] = f"{name}.onnxvq_tap{next(counter)}"
+                node.output.append(carried[name])
+            wanted = wanted - set(carried)
+        return carried
+
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                add_gates(attr.g)
+    exposed = expose(proto.graph, set(names))
+    return ir.serde.deserialize_model(proto), exposed
 
 
 def open_session(model: ir.Model) -> ort.InferenceSession:

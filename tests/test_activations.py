@@ -122,3 +122,54 @@ def _match(captured, x):
     w0 = mlp().graph.initializer[0]
     original_hidden = np.maximum(x @ numpy_helper.to_array(w0).T, 0)
     return [int(np.argmin(((original_hidden - row) ** 2).sum(1))) for row in model_rows]
+
+
+def _branching_model():
+    """flag (bool) picks a branch: then h = relu(x W1'), nested If on flag again -> h W2';
+    else h = x W3'. W1..W3 are main-graph initializers read inside the branches."""
+    def branch(name, nodes, out):
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+    inner = helper.make_node("If", ["flag"], ["inner_out"], name="inner_if",
+                             then_branch=branch("inner_then", [helper.make_node("Gemm", ["h", "W2"], ["y2"], name="fc2", transB=1)], "y2"),
+                             else_branch=branch("inner_else", [helper.make_node("Identity", ["h"], ["y2b"])], "y2b"))
+    then_nodes = [helper.make_node("Gemm", ["x", "W1"], ["pre"], name="fc1", transB=1),
+                  helper.make_node("Relu", ["pre"], ["h"]), inner]
+    outer = helper.make_node("If", ["flag"], ["y"], name="outer_if",
+                             then_branch=branch("then", then_nodes, "inner_out"),
+                             else_branch=branch("else", [helper.make_node("Gemm", ["x", "W3"], ["y3"], name="fc3", transB=1)], "y3"))
+    weights = {"W1": weight((24, 16), 1), "W2": weight((8, 24), 2), "W3": weight((8, 16), 3)}
+    return make_model(
+        [outer], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+                  helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, n) for n, w in weights.items()],
+    ), weights
+
+
+def test_layers_inside_if_branches_are_captured_on_the_samples_that_take_them():
+    proto, weights = _branching_model()
+    model = ir.serde.deserialize_model(proto)
+    layers, _ = find_layers(model)
+    assert sorted(l.name for l in layers) == ["fc1", "fc2", "fc3"]
+    r = np.random.default_rng(5)
+    taken = [r.standard_normal((4, 16)).astype(np.float32) for _ in range(3)]
+    skipped = r.standard_normal((4, 16)).astype(np.float32)
+    feeds = [{"x": x, "flag": np.array(True)} for x in taken] + [{"x": skipped, "flag": np.array(False)}]
+    calib = load_calibration(feeds, model)
+    changed = {"W1": 0.5 * weights["W1"]}
+    captured = capture_inputs(model, layers, calib, quantized=changed, batch_size=1, max_rows=100)
+    x = np.concatenate(taken)
+    np.testing.assert_allclose(captured["W1"].hessian, x.T.astype(np.float64) @ x / 12, rtol=1e-5, atol=1e-6)
+    hidden_o = np.maximum(x @ weights["W1"].T, 0)  # fc2 sits in an If inside the then-branch
+    hidden_q = np.maximum(x @ changed["W1"].T, 0)
+    fc2 = captured["W2"]
+    assert fc2.count == 12
+    np.testing.assert_allclose(fc2.hessian, hidden_q.T.astype(np.float64) @ hidden_q / 12, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fc2.cross, hidden_q.T.astype(np.float64) @ hidden_o / 12, rtol=1e-4, atol=1e-6)
+    fc3 = captured["W3"]  # the else-branch ran on one batch only
+    assert fc3.count == 4
+    np.testing.assert_allclose(fc3.hessian, skipped.T.astype(np.float64) @ skipped / 4, rtol=1e-5, atol=1e-6)
+    only_then = load_calibration(feeds[:3], model)
+    assert "W3" not in capture_inputs(model, layers, only_then, max_rows=10)  # never reached: no data
+    assert run_ort(proto, feeds[0])[0].shape == (4, 8)  # the model itself is untouched
