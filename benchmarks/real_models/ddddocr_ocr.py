@@ -1,5 +1,6 @@
 """ddddocr's captcha text recognizer (``common.onnx``, the "beta" model: CNN + BiLSTM + CTC over
-8,210 classes; ``common_old.onnx`` is already int8-quantized by its authors, so it is not used).
+8,210 classes). Its older, int8-shipped sibling ``common_old.onnx`` runs the same task in
+:mod:`ddddocr_ocr_old`.
 
 Data: captcha-like images of 4-6 characters (digits and latin letters without the glyphs that
 are the same shape in these fonts), each glyph in a DejaVu font, rotated by up to 20 degrees
@@ -35,18 +36,17 @@ def model_path():
     return package_file("ddddocr", "common.onnx")
 
 
-_CHARSET: list[str] | None = None
+_CHARSETS: dict[str, list[str]] = {}
 
 
-def charset() -> list[str]:
-    """``ddddocr.charsets.CHARSET_BETA``, loaded from its file (importing ddddocr needs cv2 and more)."""
-    global _CHARSET
-    if _CHARSET is None:
+def charset(name: str = "CHARSET_BETA") -> list[str]:
+    """``ddddocr.charsets.<name>``, loaded from its file (importing ddddocr needs cv2 and more)."""
+    if name not in _CHARSETS:
         spec = importlib.util.spec_from_file_location("_ddddocr_charsets", package_file("ddddocr", "charsets.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        _CHARSET = list(module.CHARSET_BETA)
-    return _CHARSET
+        _CHARSETS[name] = list(getattr(module, name))
+    return _CHARSETS[name]
 
 
 def _render(rng: np.random.Generator):
@@ -91,9 +91,9 @@ def preprocess(pil) -> np.ndarray:
     return (np.asarray(gray, np.float32) / 255.0)[None, None]
 
 
-def decode(logits: np.ndarray) -> str:
+def decode(logits: np.ndarray, charset_name: str = "CHARSET_BETA") -> str:
     """ddddocr ``_process_text_output`` of a (T, 1, classes) output."""
-    chars = charset()
+    chars = charset(charset_name)
     idx = logits[:, 0, :].argmax(-1)
     out, prev = [], None
     for i in idx:
@@ -124,9 +124,10 @@ def _scores(pred, truth):
     return float(np.mean([p == t for p, t in zip(pred, truth)])), cer
 
 
-def evaluate(sess, eval_set: list[dict], reference: Evaluation | None = None) -> Evaluation:
+def evaluate(sess, eval_set: list[dict], reference: Evaluation | None = None,
+             charset_name: str = "CHARSET_BETA") -> Evaluation:
     outputs = [sess.run(None, s["feed"])[0] for s in eval_set]
-    pred = [decode(o) for o in outputs]
+    pred = [decode(o, charset_name) for o in outputs]
     exact, cer = _scores(pred, [s["text"] for s in eval_set])
     metrics = {"exact": exact, "char_acc": 1.0 - cer, "cer": cer}
     if reference is not None:
