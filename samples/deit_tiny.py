@@ -41,6 +41,73 @@ SIZES = {
 }
 
 
+class GraphBuilder:
+    """Nodes and initializers of a hand-built graph; weights ~ N(0, 0.02) from one seeded
+    generator, drawn in call order (the same calls give the same bytes)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.inits: list[onnx.TensorProto] = []
+        self.nodes: list[onnx.NodeProto] = []
+
+    def init(self, name, array):
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def rand(self, name, *shape):
+        return self.init(name, (self.rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    def node(self, op, inputs, name, **attrs):
+        out = name if "out" not in attrs else attrs.pop("out")
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
+        return out
+
+    def linear(self, x, prefix, n_in, n_out):
+        """``x @ W + b`` as exporters write it (MatMul, then Add)."""
+        y = self.node("MatMul", [x, self.rand(f"{prefix}.weight", n_in, n_out)], f"{prefix}")
+        return self.node("Add", [y, self.init(f"{prefix}.bias", np.zeros(n_out, np.float32))], f"{prefix}.add_bias")
+
+    def layer_norm(self, x, prefix, dim):
+        return self.node("LayerNormalization", [x, self.init(f"{prefix}.weight", np.ones(dim, np.float32)),
+                                                self.init(f"{prefix}.bias", np.zeros(dim, np.float32))],
+                         prefix, axis=-1, epsilon=1e-6)
+
+
+def encoder_block(g: GraphBuilder, x: str, p: str, *, dim: int, heads: int, mlp: int) -> str:
+    """One pre-norm transformer block on ``x`` (N, T, dim)::
+
+        x + proj(attention(LayerNorm(x)))      ``heads`` heads, qkv dim -> 3 dim
+        x + fc2(GELU(fc1(LayerNorm(x))))       MLP dim -> mlp -> dim, GELU = 0.5 h (1 + erf(h / sqrt 2))
+    """
+    init, node = g.init, g.node
+    head_dim = dim // heads
+    h = g.layer_norm(x, f"{p}.norm1", dim)
+    qkv = g.linear(h, f"{p}.attn.qkv", dim, 3 * dim)
+    qkv = node("Reshape", [qkv, init(f"{p}.shape.qkv", np.array([0, -1, 3, heads, head_dim], np.int64))],
+               f"{p}.attn.qkv_reshape")
+    qkv = node("Transpose", [qkv], f"{p}.attn.qkv_transpose", perm=[2, 0, 3, 1, 4])  # (3,N,H,T,hd)
+    q, k, v = (node("Gather", [qkv, init(f"{p}.index.{j}", np.array(j, np.int64))], f"{p}.attn.{n}", axis=0)
+               for j, n in enumerate("qkv"))
+    kt = node("Transpose", [k], f"{p}.attn.k_transpose", perm=[0, 1, 3, 2])
+    scores = node("MatMul", [q, kt], f"{p}.attn.scores")
+    scores = node("Mul", [scores, init(f"{p}.attn.scale", np.array(head_dim**-0.5, np.float32))],
+                  f"{p}.attn.scale_mul")
+    attn = node("Softmax", [scores], f"{p}.attn.softmax", axis=-1)
+    ctx = node("MatMul", [attn, v], f"{p}.attn.context")
+    ctx = node("Transpose", [ctx], f"{p}.attn.context_transpose", perm=[0, 2, 1, 3])
+    ctx = node("Reshape", [ctx, init(f"{p}.shape.merge", np.array([0, -1, dim], np.int64))],
+               f"{p}.attn.context_merge")
+    x = node("Add", [x, g.linear(ctx, f"{p}.attn.proj", dim, dim)], f"{p}.residual1")
+    h = g.layer_norm(x, f"{p}.norm2", dim)
+    h = g.linear(h, f"{p}.mlp.fc1", dim, mlp)
+    e = node("Div", [h, init(f"{p}.mlp.sqrt2", np.array(np.sqrt(2.0), np.float32))], f"{p}.mlp.gelu_div")
+    e = node("Erf", [e], f"{p}.mlp.gelu_erf")
+    e = node("Add", [e, init(f"{p}.mlp.one", np.array(1.0, np.float32))], f"{p}.mlp.gelu_add")
+    e = node("Mul", [h, e], f"{p}.mlp.gelu_mul")
+    h = node("Mul", [e, init(f"{p}.mlp.half", np.array(0.5, np.float32))], f"{p}.mlp.gelu_half")
+    return node("Add", [x, g.linear(h, f"{p}.mlp.fc2", mlp, dim)], f"{p}.residual2")
+
+
 def build_deit_tiny(seed: int = 0) -> onnx.ModelProto:
     """DeiT-tiny; weights ~ N(0, 0.02) like DeiT's init (values do not matter here)."""
     return build_deit(**SIZES["tiny"], seed=seed)
@@ -54,30 +121,8 @@ def build_deit(dim: int = DIM, heads: int = HEADS, depth: int = DEPTH, mlp: int 
     bytes. ``name`` is the graph name."""
     if dim % heads:
         raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-    r = np.random.default_rng(seed)
-    inits: list[onnx.TensorProto] = []
-    nodes: list[onnx.NodeProto] = []
-
-    def init(name, array):
-        inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def rand(name, *shape):
-        return init(name, (r.standard_normal(shape) * 0.02).astype(np.float32))
-
-    def node(op, inputs, name, **attrs):
-        out = name if "out" not in attrs else attrs.pop("out")
-        nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
-        return out
-
-    def linear(x, prefix, n_in, n_out):
-        y = node("MatMul", [x, rand(f"{prefix}.weight", n_in, n_out)], f"{prefix}")
-        return node("Add", [y, init(f"{prefix}.bias", np.zeros(n_out, np.float32))], f"{prefix}.add_bias")
-
-    def layer_norm(x, prefix):
-        return node("LayerNormalization", [x, init(f"{prefix}.weight", np.ones(dim, np.float32)),
-                                           init(f"{prefix}.bias", np.zeros(dim, np.float32))],
-                    prefix, axis=-1, epsilon=1e-6)
+    g = GraphBuilder(seed)
+    init, rand, node = g.init, g.rand, g.node
 
     # patch embedding: (N,3,224,224) -> (N,192,14,14) -> (N,192,196) -> (N,196,192)
     x = node("Conv", ["image", rand("patch_embed.weight", dim, 3, PATCH, PATCH),
@@ -93,45 +138,18 @@ def build_deit(dim: int = DIM, heads: int = HEADS, depth: int = DEPTH, mlp: int 
     x = node("Concat", [cls, x], "tokens", axis=1)
     x = node("Add", [x, rand("pos_embed", 1, TOKENS, dim)], "pos_add")
 
-    head_dim = dim // heads
     for i in range(depth):
-        p = f"blocks.{i}"
-        h = layer_norm(x, f"{p}.norm1")
-        qkv = linear(h, f"{p}.attn.qkv", dim, 3 * dim)
-        qkv = node("Reshape", [qkv, init(f"{p}.shape.qkv", np.array([0, -1, 3, heads, head_dim], np.int64))],
-                   f"{p}.attn.qkv_reshape")
-        qkv = node("Transpose", [qkv], f"{p}.attn.qkv_transpose", perm=[2, 0, 3, 1, 4])  # (3,N,H,T,hd)
-        q, k, v = (node("Gather", [qkv, init(f"{p}.index.{j}", np.array(j, np.int64))], f"{p}.attn.{n}", axis=0)
-                   for j, n in enumerate("qkv"))
-        kt = node("Transpose", [k], f"{p}.attn.k_transpose", perm=[0, 1, 3, 2])
-        scores = node("MatMul", [q, kt], f"{p}.attn.scores")
-        scores = node("Mul", [scores, init(f"{p}.attn.scale", np.array(head_dim**-0.5, np.float32))],
-                      f"{p}.attn.scale_mul")
-        attn = node("Softmax", [scores], f"{p}.attn.softmax", axis=-1)
-        ctx = node("MatMul", [attn, v], f"{p}.attn.context")
-        ctx = node("Transpose", [ctx], f"{p}.attn.context_transpose", perm=[0, 2, 1, 3])
-        ctx = node("Reshape", [ctx, init(f"{p}.shape.merge", np.array([0, -1, dim], np.int64))],
-                   f"{p}.attn.context_merge")
-        x = node("Add", [x, linear(ctx, f"{p}.attn.proj", dim, dim)], f"{p}.residual1")
-        h = layer_norm(x, f"{p}.norm2")
-        h = linear(h, f"{p}.mlp.fc1", dim, mlp)
-        # GELU(h) = 0.5 h (1 + erf(h / sqrt 2))
-        e = node("Div", [h, init(f"{p}.mlp.sqrt2", np.array(np.sqrt(2.0), np.float32))], f"{p}.mlp.gelu_div")
-        e = node("Erf", [e], f"{p}.mlp.gelu_erf")
-        e = node("Add", [e, init(f"{p}.mlp.one", np.array(1.0, np.float32))], f"{p}.mlp.gelu_add")
-        e = node("Mul", [h, e], f"{p}.mlp.gelu_mul")
-        h = node("Mul", [e, init(f"{p}.mlp.half", np.array(0.5, np.float32))], f"{p}.mlp.gelu_half")
-        x = node("Add", [x, linear(h, f"{p}.mlp.fc2", mlp, dim)], f"{p}.residual2")
+        x = encoder_block(g, x, f"blocks.{i}", dim=dim, heads=heads, mlp=mlp)
 
-    x = layer_norm(x, "norm")
+    x = g.layer_norm(x, "norm", dim)
     x = node("Gather", [x, init("cls_index", np.array(0, np.int64))], "cls_select", axis=1)  # (N, 192)
     node("Gemm", [x, rand("head.weight", CLASSES, dim), init("head.bias", np.zeros(CLASSES, np.float32))],
          "head", transB=1, out="logits")
     graph = helper.make_graph(
-        nodes, name,
+        g.nodes, name,
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, IMAGE, IMAGE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
-        inits,
+        g.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
     size = next((s for s, a in SIZES.items() if a == dict(dim=dim, heads=heads, depth=depth, mlp=mlp)), None)

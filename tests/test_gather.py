@@ -22,19 +22,19 @@ CODINGS = [(16, 4, 11), (5, 3, 13), (256, 5, 17), (300, 4, 21)]
 EXTRAS = [(), ("scales",), ("signs",), ("projection", "signs", "scales")]
 
 
-def build(case, k, d, opset, extras=()):
-    """(VQGather model, dense Gather twin, indices) for one conformance case."""
+def build(case, k, d, opset, extras=(), *, seed=0, codebook_dtype=np.float16):
+    """(VQGather model, dense Gather twin, indices, table) for one conformance case."""
     name, shape, index_shape, attrs, _ = case
-    r = np.random.default_rng(0)
+    r = np.random.default_rng(seed)
     lay = WeightLayout(shape, False, 1, d)
     codes = r.integers(0, k, (lay.rows, lay.n_sub))
     stored = {}
     if "projection" in extras:
-        codebook = r.standard_normal((k, 2)).astype(np.float16)
-        stored["projection"] = r.standard_normal((2, d)).astype(np.float16)
+        codebook = r.standard_normal((k, 2)).astype(codebook_dtype)
+        stored["projection"] = r.standard_normal((2, d)).astype(codebook_dtype)
         codewords = codebook.astype(np.float32) @ stored["projection"].astype(np.float32)
     else:
-        codebook = r.standard_normal((k, d)).astype(np.float16)
+        codebook = r.standard_normal((k, d)).astype(codebook_dtype)
         codewords = codebook.astype(np.float32)
     table = codewords[codes].reshape(lay.rows, -1)[:, : lay.cols]
     if "signs" in extras:
@@ -42,7 +42,7 @@ def build(case, k, d, opset, extras=()):
         stored["signs"] = pack_signs(negative)
         table = table * np.where(negative, -1.0, 1.0)
     if "scales" in extras:
-        stored["scales"] = (10.0 ** r.uniform(-2, 1, lay.rows)).astype(np.float16)
+        stored["scales"] = (10.0 ** r.uniform(-2, 1, lay.rows)).astype(codebook_dtype)
         table = table * stored["scales"].astype(np.float32)[:, None]
     table = table.astype(np.float32)
     bits = code_bits_for_k(k)
@@ -79,6 +79,12 @@ def build(case, k, d, opset, extras=()):
 def test_gather_forms_agree(case, k, d, opset, extras):
     """numpy kernel = onnx.reference on the body = onnxruntime folded and not = the dense Gather."""
     vq, dense, indices, table = build(case, k, d, opset, extras)
+    assert_forms_agree(vq, dense, indices, table)
+
+
+def assert_forms_agree(vq, dense, indices, table, *, twin=None):
+    """numpy kernel = onnx.reference on the body = onnxruntime folded and not = the dense Gather
+    (= ``twin``, a decompressed model, in onnxruntime and onnx.reference, when given)."""
     feeds = {"indices": indices}
     expected = np.take(table, indices, axis=0)
     np.testing.assert_allclose(run_ort(dense, feeds)[0], expected, rtol=1e-6)
@@ -91,6 +97,8 @@ def test_gather_forms_agree(case, k, d, opset, extras):
         run_ort(vq, feeds)[0],
         run_ort(vq, feeds, disabled_optimizers=["ConstantFolding"])[0],
     ]
+    if twin is not None:
+        runs += [run_ort(twin, feeds)[0], ReferenceEvaluator(twin).run(None, feeds)[0]]
     for got in runs:
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -105,42 +113,27 @@ def test_the_body_reads_only_the_requested_rows():
     assert not any(n.op_type == "Reshape" and "wshape" in n.input for n in body.node)
 
 
-def embedding_model(vocab=30000, dim=512, hidden=64, seq=16):
-    """tokens (B, seq) int64 -> Gather from a vocab x dim table -> MatMul dim x hidden -> Relu ->
-    MatMul hidden x vocab... kept small: -> ReduceMean over the sequence (B, hidden)."""
-    table = (0.05 * rng(1).standard_normal((vocab, dim))).astype(np.float32)
-    proj = (rng(2).standard_normal((dim, hidden)) / np.sqrt(dim)).astype(np.float32)
-    nodes = [
-        helper.make_node("Gather", ["embedding", "tokens"], ["embedded"], name="embed"),
-        helper.make_node("MatMul", ["embedded", "proj"], ["hidden"], name="proj"),
-        helper.make_node("Relu", ["hidden"], ["act"]),
-        helper.make_node("ReduceMean", ["act"], ["pooled"], axes=[1], keepdims=0),
-    ]
-    return make_model(
-        nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["B", seq])],
-        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["B", hidden])],
-        [numpy_helper.from_array(table, "embedding"), numpy_helper.from_array(proj, "proj")], opset=13,
-    )
+def test_the_text_encoder_sample_has_its_30k_table_encoded_and_runs():
+    """samples/text_encoder.py (one block, to keep the test short): the 30,000 x 512 token table
+    becomes a VQGather; the model runs in onnxruntime, folded and not, and equals its
+    decompressed twin."""
+    from text_encoder import build_text_encoder
 
-
-def test_an_embedding_table_of_30k_rows_is_encoded_and_runs():
-    original = embedding_model()
+    original = build_text_encoder(depth=1)
     layers, _ = find_layers(ir.serde.deserialize_model(original))
-    assert [(l.name, l.op_type, l.weight_shape) for l in layers] == [("embed", "Gather", (30000, 512)), ("proj", "MatMul", (512, 64))]
+    assert ("embeddings.token_lookup", "Gather", (30000, 512)) in [(l.name, l.op_type, l.weight_shape) for l in layers]
     result = onnxvq.compress(original, k=256, d=8)
     compressed = result.to_proto()
     assert any(n.op_type == "VQGather" for n in compressed.graph.node)
-    assert "embedding" not in {i.name for i in compressed.graph.initializer}
+    assert "embeddings.tokens" not in {i.name for i in compressed.graph.initializer}
     assert len(original.SerializeToString()) / len(compressed.SerializeToString()) > 10
-    feeds = {"tokens": rng(3).integers(0, 30000, (4, 16)).astype(np.int64)}
+    feeds = {"input_ids": rng(3).integers(0, 30000, (4, 16)).astype(np.int64)}
     got = run_ort(compressed, feeds)[0]
     twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
     assert [n.op_type for n in twin.graph.node][:1] == ["Gather"]
-    np.testing.assert_allclose(got, run_ort(twin, feeds)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, run_ort(twin, feeds)[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got, run_ort(compressed, feeds, disabled_optimizers=["ConstantFolding"])[0],
-                               rtol=1e-5, atol=1e-6)
-    reference = run_ort(original, feeds)[0]
-    assert np.sum((got - reference) ** 2) / np.sum(reference**2) < 0.5
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_gathers_that_are_not_tables_are_not_layers():
