@@ -7,7 +7,8 @@ A config gives global settings and per-layer overrides. For each candidate layer
 2. ``layers`` key equal to the layer's exact name;
 3. the first ``layers`` key ``re:PATTERN`` (in file order) whose pattern ``re.fullmatch``-es the
    name;
-4. ``layers`` key equal to the layer's op type (``Conv``, ``Gemm``, ``MatMul``, ``LSTM``, ``GRU``, ``RNN``);
+4. ``layers`` key equal to the layer's op type (``Conv``, ``ConvTranspose``, ``Gemm``, ``MatMul``,
+   ``LSTM``, ``GRU``, ``RNN``, ``Gather``);
 5. the size threshold: a layer with fewer than ``min_size`` weights is left dense;
 6. the global settings.
 

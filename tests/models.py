@@ -87,6 +87,22 @@ def mlp(sizes=(64, 128, 128, 10), seed: int = 0, opset: int = OPSET) -> onnx.Mod
     )
 
 
+def lstm_model(directions=2, hidden=32, size=24) -> onnx.ModelProto:
+    """LSTM (B given) -> Relu on Y; outputs the Relu and Y_h; input x: (7, 2, size)."""
+    r = rng(7)
+    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "Y_h"], hidden_size=hidden,
+                            direction="bidirectional" if directions == 2 else "forward", name="lstm")
+    weights = {"W": 0.3 * r.standard_normal((directions, 4 * hidden, size)),
+               "R": 0.3 * r.standard_normal((directions, 4 * hidden, hidden)),
+               "B": 0.1 * r.standard_normal((directions, 8 * hidden))}
+    return make_model(
+        [node, helper.make_node("Relu", ["Y"], ["z"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [7, 2, size])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None), helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in weights.items()], opset=14,
+    )
+
+
 def run_ort(model: onnx.ModelProto | bytes | str, feeds: dict, **session_kwargs) -> list[np.ndarray]:
     import onnxruntime as ort
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxvq
-from models import make_model, rng, run_ort
+from models import lstm_model, make_model, rng, run_ort
 from onnxvq import ops
 from onnxvq.candidates import find_layers
 from onnxvq.layout import WeightLayout
@@ -194,3 +194,27 @@ def test_every_method_encodes_a_table_and_a_conv_transpose(method, params):
     feeds = {"tokens": rng(8).integers(0, 512, (2, 6)).astype(np.int64)}
     twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
     np.testing.assert_allclose(run_ort(compressed, feeds)[0], run_ort(twin, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_config_keys_by_the_new_op_types():
+    """``layers`` keys ``Gather``, ``ConvTranspose`` and ``LSTM`` pick each op's settings."""
+    table = (0.1 * rng(6).standard_normal((512, 24))).astype(np.float32)
+    up = (0.1 * rng(7).standard_normal((24, 16, 2))).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "tokens"], ["embedded"], name="embed"),
+        helper.make_node("Transpose", ["embedded"], ["channels"], perm=[0, 2, 1]),
+        helper.make_node("ConvTranspose", ["channels", "U"], ["y"], name="up", strides=[2]),
+    ]
+    model = make_model(
+        nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(up, "U")],
+    )
+    config = {"min_size": 0, "k": 64, "d": 4,
+              "layers": {"Gather": {"k": 16, "d": 2}, "ConvTranspose": {"skip": True}}}
+    by_name = {l.name: l for l in onnxvq.compress(model, config).summary.layers}
+    assert (by_name["embed"].k, by_name["embed"].d) == (16, 2)
+    assert not by_name["up"].compressed
+    lstm = onnxvq.compress(lstm_model(), {"min_size": 0, "layers": {"LSTM": {"k": 32, "d": 3}}})
+    (layer,) = lstm.summary.layers
+    assert layer.op_type == "LSTM" and (layer.k, layer.d) == (32, 3)

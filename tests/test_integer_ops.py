@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import onnxvq
-from models import cnn, make_model, rng, run_ort, weight
+from models import cnn, lstm_model, make_model, rng, run_ort, weight
 from onnxvq.integer_ops import convert_integer_ops, restore_unencoded
 
 FEEDS = {"x": rng(50).standard_normal((2, 3, 16, 16)).astype(np.float32)}
@@ -171,27 +171,12 @@ def test_a_4bit_matmulnbits_model_compresses_further(tmp_path):
     np.testing.assert_allclose(got, run_ort(twin, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
-def _lstm_model(directions=2, hidden=32, size=24):
-    r = rng(7)
-    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "Y_h"], hidden_size=hidden,
-                            direction="bidirectional" if directions == 2 else "forward", name="lstm")
-    weights = {"W": 0.3 * r.standard_normal((directions, 4 * hidden, size)),
-               "R": 0.3 * r.standard_normal((directions, 4 * hidden, hidden)),
-               "B": 0.1 * r.standard_normal((directions, 8 * hidden))}
-    return make_model(
-        [node, helper.make_node("Relu", ["Y"], ["z"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [7, 2, size])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None), helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in weights.items()], opset=14,
-    )
-
-
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_dynamic_quantize_lstm_becomes_an_lstm(tmp_path, per_channel):
     """DynamicQuantizeLSTM (onnxruntime's quantize_dynamic on an LSTM) becomes the LSTM of its
     dequantized weights: the same outputs but for the per-step activation quantization the float
     op does not do; put back exactly."""
-    onnx.save(_lstm_model(), tmp_path / "lstm.onnx")
+    onnx.save(lstm_model(), tmp_path / "lstm.onnx")
     quantize_dynamic(str(tmp_path / "lstm.onnx"), str(tmp_path / "q.onnx"), op_types_to_quantize=["LSTM"],
                      per_channel=per_channel)
     quantized = onnx.load(tmp_path / "q.onnx")
@@ -212,7 +197,7 @@ def test_dynamic_quantize_lstm_becomes_an_lstm(tmp_path, per_channel):
 
 
 def test_a_quantized_lstm_is_encoded(tmp_path):
-    onnx.save(_lstm_model(hidden=64, size=64), tmp_path / "lstm.onnx")
+    onnx.save(lstm_model(hidden=64, size=64), tmp_path / "lstm.onnx")
     quantize_dynamic(str(tmp_path / "lstm.onnx"), str(tmp_path / "q.onnx"), op_types_to_quantize=["LSTM"], per_channel=True)
     quantized = onnx.load(tmp_path / "q.onnx")
     result = onnxvq.compress(quantized, k=256, d=2, min_size=0)  # 4 bits per weight: half the int8 bytes
