@@ -27,6 +27,7 @@ from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
 from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
+from onnxvq.batchnorm_folding import fold_batch_norms
 from onnxvq.integer_ops import convert_integer_ops, restore_unencoded
 from onnxvq.methods import Encoded, get_method
 from onnxvq.model_check import check_model
@@ -121,6 +122,7 @@ def compress(
     # A size target's reference, taken before the conversions below add float twins.
     input_bytes = _input_bytes(model) if config.targeted else 0
     fold_weight_chains(model)
+    batch_norms_folded = fold_batch_norms(model)
     integer_layers = convert_integer_ops(model)
     layers, left_alone = find_layers(model)
     # A size target replaces min_size: the allocation decides which small layers stay dense.
@@ -200,6 +202,7 @@ def compress(
         literature_bytes=_literature_bytes(total_float_params, replacements),
         calibration=calibration,
         check=check,
+        batch_norms_folded=batch_norms_folded,
     )
     return CompressResult(model, summary)
 

@@ -86,6 +86,8 @@ class Summary:
     calibration: dict | None = None
     # The compressed model's output against the original's (onnxvq.quality_guard.QualityCheck).
     check: Any = None
+    # Conv -> BatchNormalization pairs folded into one Conv (onnxvq.batchnorm_folding).
+    batch_norms_folded: int = 0
 
     @property
     def compressed_layers(self) -> list[LayerReport]:
@@ -134,6 +136,7 @@ class Summary:
             "calibration": calibration,
             "check": self.check.to_dict() if self.check is not None else None,
             "left_alone": self.left_alone,
+            "batch_norms_folded": self.batch_norms_folded,
             "totals": {
                 "compressed_layers": len(self.compressed_layers),
                 "compressed_params": sum(l.params for l in self.compressed_layers),
@@ -189,6 +192,9 @@ class Summary:
                 sources[layer.source] = sources.get(layer.source, 0) + 1
         for source, count in sources.items():
             lines.append(f"{count} of them were {source}")
+        if self.batch_norms_folded:
+            lines.append(f"folded {self.batch_norms_folded} BatchNormalization node(s) into the Conv before each "
+                         "(as onnxruntime does when it loads the model)")
         if self.literature_ratio:
             lines.append(f"model ratio, literature convention: {self.literature_ratio:.1f}x")
         if self.file_ratio:

@@ -1,0 +1,77 @@
+"""Conv -> BatchNormalization pairs folded into one Conv before compression."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxvq
+from models import make_model, rng, run_ort, weight
+from onnxvq.batchnorm_folding import fold_batch_norms
+
+
+def _bn_params(prefix: str, channels: int, seed: int) -> list:
+    r = rng(seed)
+    arrays = {"scale": r.uniform(0.2, 3.0, channels), "B": r.standard_normal(channels),
+              "mean": r.standard_normal(channels), "var": r.uniform(0.01, 4.0, channels)}
+    return [numpy_helper.from_array(a.astype(np.float32), f"{prefix}.{n}") for n, a in arrays.items()]
+
+
+def _model():
+    """conv1 (bias) -> bn1 -> Relu -> conv2 (no bias) -> bn2 (graph output): folded. Left: bn3
+    (conv3's output is also read by an Add), bn5 (conv4 shares its weight with conv5), bn6 (it
+    reads a Relu)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn1.scale", "bn1.B", "bn1.mean", "bn1.var"], ["n1"],
+                         name="bn1", epsilon=1e-3),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("BatchNormalization", ["c2", "bn2.scale", "bn2.B", "bn2.mean", "bn2.var"], ["y"], name="bn2"),
+        helper.make_node("Conv", ["r1", "w3"], ["c3"], name="conv3"),
+        helper.make_node("BatchNormalization", ["c3", "bn3.scale", "bn3.B", "bn3.mean", "bn3.var"], ["z"], name="bn3"),
+        helper.make_node("Add", ["z", "c3"], ["zc"]),
+        helper.make_node("Conv", ["zc", "w4"], ["c4"], name="conv4"),
+        helper.make_node("BatchNormalization", ["c4", "bn3.scale", "bn3.B", "bn3.mean", "bn3.var"], ["z4"], name="bn5"),
+        helper.make_node("Conv", ["z4", "w4"], ["c5"], name="conv5"),
+        helper.make_node("Relu", ["c5"], ["rz"]),
+        helper.make_node("BatchNormalization", ["rz", "bn3.scale", "bn3.B", "bn3.mean", "bn3.var"], ["u"], name="bn6"),
+    ]
+    inits = [numpy_helper.from_array(weight((8, 3, 3, 3), 1), "w1"),
+             numpy_helper.from_array(rng(2).standard_normal(8).astype(np.float32), "b1"),
+             numpy_helper.from_array(weight((6, 8, 1, 1), 3), "w2"), numpy_helper.from_array(weight((6, 8, 1, 1), 9), "w3"),
+             numpy_helper.from_array(weight((6, 6, 1, 1), 10), "w4")]
+    inits += _bn_params("bn1", 8, 4) + _bn_params("bn2", 6, 5) + _bn_params("bn3", 6, 6)
+    return make_model(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("u", TensorProto.FLOAT, None)],
+        inits,
+    )
+
+
+def test_folded_pairs_compute_the_same_outputs():
+    original = _model()
+    model = ir.serde.deserialize_model(original)
+    assert fold_batch_norms(model) == 2
+    folded = ir.serde.serialize_model(model)
+    bns = [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    assert bns == ["bn3", "bn5", "bn6"]
+    names = {i.name for i in folded.graph.initializer}
+    assert not names & {"w1", "b1", "w2", "bn1.scale", "bn2.var"} and {"w3", "w4", "bn3.mean"} <= names
+    assert [o.name for o in folded.graph.output] == ["y", "u"]
+    feeds = {"x": rng(7).standard_normal((2, 3, 10, 10)).astype(np.float32)}
+    for got, want in zip(run_ort(folded, feeds), run_ort(original, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_compress_folds_and_says_so():
+    result = onnxvq.compress(_model(), k=16, d=2, min_size=0)
+    assert result.summary.batch_norms_folded == 2
+    assert "folded 2 BatchNormalization node(s)" in result.summary.format()
+    compressed = result.to_proto()
+    assert sum(n.op_type == "BatchNormalization" for n in compressed.graph.node) == 3
+    twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
+    feeds = {"x": rng(8).standard_normal((2, 3, 10, 10)).astype(np.float32)}
+    for got, want in zip(run_ort(compressed, feeds), run_ort(twin, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
