@@ -121,8 +121,12 @@ def compress(
 
     # A size target's reference, taken before the conversions below add float twins.
     input_bytes = _input_bytes(model) if config.targeted else 0
+    tensors_before = _tensor_bytes(model) if config.targeted else 0
     fold_weight_chains(model)
     batch_norms_folded = fold_batch_norms(model)
+    # What the folds took out (BatchNormalization parameters, recomputed weight chains) is not
+    # part of what stays: the target's budget counts the model as it now is.
+    folded_bytes = tensors_before - _tensor_bytes(model) if config.targeted else 0
     integer_layers = convert_integer_ops(model)
     layers, left_alone = find_layers(model)
     # A size target replaces min_size: the allocation decides which small layers stay dense.
@@ -139,7 +143,8 @@ def compress(
             _check_finite(group[0])
     if config.targeted:
         group_plans = allocate(
-            model, groups, group_plans, config, input_bytes=input_bytes, samples=calib_set, progress=progress
+            model, groups, group_plans, config, input_bytes=input_bytes, folded_bytes=folded_bytes,
+            samples=calib_set, progress=progress,
         )
     planned = list(zip(groups, group_plans))
     rules = [_rule(group[0], plan) for group, plan in planned]
@@ -397,6 +402,10 @@ def _input_bytes(model: ir.Model) -> int:
     files = model.meta.get(SOURCE_FILES)
     if files and all(os.path.exists(f) for f in files):
         return sum(os.path.getsize(f) for f in files)
+    return _tensor_bytes(model)
+
+
+def _tensor_bytes(model: ir.Model) -> int:
     return sum(_tensor_nbytes(t) for t, _ in all_tensors(model))
 
 
