@@ -166,20 +166,21 @@ def allocate(
     *,
     input_bytes: int,
     samples: CalibrationSet | None,
-    folded_bytes: int = 0,
+    rest_bytes: int | None = None,
     progress: bool = False,
 ) -> list[LayerPlan]:
     """Plans for ``groups`` (layers sharing one weight) meeting ``config``'s size target.
 
-    ``input_bytes`` is the input's size, the target's reference; ``folded_bytes`` the tensor
-    bytes that folding took out of the model since (they do not stay).
+    ``input_bytes`` is the input's size, the target's reference; ``rest_bytes`` what the model
+    holds besides the candidates' weights (``model_io.model_bytes_without``), by default
+    ``input_bytes`` less the candidates' bytes.
     ``plans`` are the config's own resolution (without ``min_size``, which a target replaces):
     only ``default`` plans are allocated; explicit settings (``layers[...]``, ``skip``) are kept
     as they are and counted in the budget.
     """
     free = [i for i, plan in enumerate(plans) if plan.rule == "default"]
     fixed_bytes = sum(_fixed_bytes(groups[i], plans[i]) for i in range(len(groups)) if i not in free)
-    budget = _budget(config, groups, input_bytes, fixed_bytes, n_free=len(free), folded_bytes=folded_bytes)
+    budget = _budget(config, groups, input_bytes, fixed_bytes, n_free=len(free), rest_bytes=rest_bytes)
     if not free:
         return list(plans)
     if budget.nbytes <= 0:  # found before the ladder's minutes of work
@@ -237,10 +238,10 @@ def allocate(
 
 
 def _budget(config: CompressConfig, groups, input_bytes: int, fixed_bytes: int, *, n_free: int,
-            folded_bytes: int = 0) -> Budget:
+            rest_bytes: int | None = None) -> Budget:
     candidate_bytes = sum(group[0].nbytes for group in groups)
     if config.target_ratio is not None:
-        other = max(input_bytes - folded_bytes - candidate_bytes, 0)
+        other = rest_bytes if rest_bytes is not None else max(input_bytes - candidate_bytes, 0)
         total = input_bytes / config.target_ratio
         overhead = NODE_OVERHEAD_BYTES * n_free + FUNCTION_OVERHEAD_BYTES * min(n_free, MAX_VARIANTS)
         return Budget(total - other - fixed_bytes - overhead, f"--target-ratio {config.target_ratio:g}",

@@ -23,7 +23,7 @@ from onnxvq import channel_scales, ops, quality_guard
 from onnxvq.activations import LayerInputs, capture_inputs
 from onnxvq.allocation import allocate
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
-from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes
+from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes, stored_values
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
 from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
@@ -31,7 +31,7 @@ from onnxvq.batchnorm_folding import fold_batch_norms
 from onnxvq.integer_ops import convert_integer_ops, restore_unencoded
 from onnxvq.methods import Encoded, get_method
 from onnxvq.model_check import check_model
-from onnxvq.model_io import SOURCE_FILES, all_tensors, load_model, save_model
+from onnxvq.model_io import SOURCE_FILES, load_model, model_bytes_without, save_model
 from onnxvq.layout import WeightLayout
 from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
 from onnxvq.progress import progress as progress_bar
@@ -121,12 +121,8 @@ def compress(
 
     # A size target's reference, taken before the conversions below add float twins.
     input_bytes = _input_bytes(model) if config.targeted else 0
-    tensors_before = _tensor_bytes(model) if config.targeted else 0
     fold_weight_chains(model)
     batch_norms_folded = fold_batch_norms(model)
-    # What the folds took out (BatchNormalization parameters, recomputed weight chains) is not
-    # part of what stays: the target's budget counts the model as it now is.
-    folded_bytes = tensors_before - _tensor_bytes(model) if config.targeted else 0
     integer_layers = convert_integer_ops(model)
     layers, left_alone = find_layers(model)
     # A size target replaces min_size: the allocation decides which small layers stay dense.
@@ -142,8 +138,11 @@ def compress(
         if plan.compressed or (config.targeted and plan.rule == "default"):
             _check_finite(group[0])
     if config.targeted:
+        # What stays as it is, measured on the model as it now stands (folded BatchNormalization
+        # parameters and Constant-node framing of the weights gone), not estimated from the input.
+        rest_bytes = model_bytes_without(model, {v.name for group in groups for v in stored_values(group[0])})
         group_plans = allocate(
-            model, groups, group_plans, config, input_bytes=input_bytes, folded_bytes=folded_bytes,
+            model, groups, group_plans, config, input_bytes=input_bytes, rest_bytes=rest_bytes,
             samples=calib_set, progress=progress,
         )
     planned = list(zip(groups, group_plans))
@@ -398,19 +397,11 @@ def _write_back(model: ir.Model, learned: Mapping[str, np.ndarray]) -> None:
 
 def _input_bytes(model: ir.Model) -> int:
     """The size of the model as the user has it: its files when it was read from files, else
-    its tensors (which dominate any model worth compressing)."""
+    its serialized size."""
     files = model.meta.get(SOURCE_FILES)
     if files and all(os.path.exists(f) for f in files):
         return sum(os.path.getsize(f) for f in files)
-    return _tensor_bytes(model)
-
-
-def _tensor_bytes(model: ir.Model) -> int:
-    return sum(_tensor_nbytes(t) for t, _ in all_tensors(model))
-
-
-def _tensor_nbytes(tensor) -> int:
-    return math.ceil(math.prod(tensor.shape) * tensor.dtype.bitwidth / 8)
+    return model_bytes_without(model, set())
 
 
 def _float_params(model: ir.Model) -> int:

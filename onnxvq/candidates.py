@@ -31,6 +31,7 @@ from onnxvq.layout import join_recurrent, split_recurrent
 __all__ = [
     "SOURCE",
     "STORED_BYTES",
+    "stored_values",
     "WEIGHT_SLOTS",
     "Layer",
     "LeftAlone",
@@ -274,6 +275,20 @@ def _recurrent_weight(node: ir.Node) -> tuple[int, ir.TensorProtocol, tuple] | s
         return f"W {tuple(w.shape)} and R {tuple(r.shape)} are not (directions, gates x hidden, size) weights"
     joined = join_recurrent(w.numpy(), r.numpy())
     return 1, ir.tensor(joined, name=w_value.name), (w_value, r_value)
+
+
+def stored_values(layer: Layer) -> list[ir.Value]:
+    """The values whose tensors store ``layer``'s weight in the model: the weight (W and R of a
+    recurrent op), or for a QDQ weight its DequantizeLinear's constant inputs."""
+    stored = []
+    for value in layer.parts or (layer.weight,):
+        if constant_tensor(value) is not None:
+            stored.append(value)
+            continue
+        producer = value.producer()
+        if producer is not None:
+            stored += [v for v in producer.inputs if v is not None and constant_tensor(v) is not None]
+    return stored
 
 
 def dequantized_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:

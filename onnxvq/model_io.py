@@ -37,6 +37,7 @@ __all__ = [
     "PROTOBUF_LIMIT",
     "all_tensors",
     "SOURCE_FILES",
+    "model_bytes_without",
     "check_output_path",
     "check_output_paths",
     "check_readable_file",
@@ -241,6 +242,40 @@ def all_tensors(model: ir.Model) -> Iterator[tuple[ir.TensorProtocol, bool]]:
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
                     yield attr.value, True
+
+
+def model_bytes_without(model: ir.Model, excluded: set[str]) -> int:
+    """The serialized size of ``model`` without the tensors of the values named in ``excluded``
+    (initializers or ``Constant`` outputs): each other tensor counted at its data bytes, the rest
+    by serializing the model with every tensor emptied meanwhile (no copy of the weights is made,
+    and models over protobuf's 2 GiB are measured too). The model is as it was afterwards."""
+    import numpy as np
+
+    empty = ir.tensor(np.zeros(0, np.uint8))
+    payload = 0
+    restore: list = []
+    try:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None:
+                    continue
+                payload += 0 if value.name in excluded else tensor.nbytes
+                restore.append((value, tensor))
+                value.const_value = empty
+            for node in graph:
+                attr = node.attributes.get("value")
+                if node.op_type == "Constant" and attr is not None and attr.type == ir.AttributeType.TENSOR:
+                    payload += 0 if node.outputs[0].name in excluded else attr.value.nbytes
+                    restore.append((node, attr))
+                    node.attributes["value"] = ir.AttrTensor("value", empty)
+        return ir.serde.serialize_model(model).ByteSize() + payload
+    finally:
+        for holder, original in restore:
+            if isinstance(holder, ir.Value):
+                holder.const_value = original
+            else:
+                holder.attributes["value"] = original
 
 
 def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:

@@ -10,12 +10,14 @@ import sys
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 import onnxvq
-from models import mlp, rng, run_ort
+from models import cnn, mlp, rng, run_ort
 from onnxvq.allocation import Option, _interpolate, solve
 from onnxvq.config import LayerPlan
+from onnxvq.model_io import model_bytes_without
 
 PLAN = LayerPlan("layer", None, None, "float16", "test")
 
@@ -312,3 +314,17 @@ def test_a_model_that_does_not_run_on_generated_inputs_is_allocated_from_its_wei
 def test_calibration_data_the_model_cannot_run_is_a_clear_error():
     with pytest.raises(onnxvq.OnnxVQError, match="did not run on the calibration data"):
         onnxvq.compress(_length_bound_model(), target_ratio=6, calib=[{"x": np.zeros((1, 64), np.float32)}] * 4)
+
+
+def test_model_bytes_without_measures_the_serialized_model_and_leaves_it_as_it_was():
+    proto = cnn(conv_weights_as_constants=True)
+    model = ir.serde.deserialize_model(proto)
+    before = ir.serde.serialize_model(model).SerializeToString()
+    n_tensors = len(proto.graph.initializer) + sum(n.op_type == "Constant" for n in proto.graph.node)
+    full = model_bytes_without(model, set())
+    assert abs(full - len(before)) <= 8 * n_tensors  # each tensor's dims field, not its data
+    weights = {n.output[0]: n.attribute[0].t for n in proto.graph.node if n.op_type == "Constant"}
+    name, tensor = next(iter(weights.items()))
+    without = model_bytes_without(model, {name})
+    assert abs(full - without - len(tensor.raw_data or b"") - 4 * len(tensor.float_data)) <= 8
+    assert ir.serde.serialize_model(model).SerializeToString() == before
