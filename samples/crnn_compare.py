@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     images, texts = test_strings()
-    calib = {"image": calibration_strings()}
+    calib = [{"image": image[None]} for image in calibration_strings()]  # one feed per sample
     fp32_bytes = os.path.getsize(args.model)
     rows = []
 
