@@ -98,12 +98,8 @@ def restore_unencoded(model: ir.Model, converted: list[IntegerLayer]) -> int:
                 graph.register_initializer(value)
         graph.insert_before(layer.added[0], layer.original)
         for written, original in zip(layer.outputs, layer.original.outputs):
-            if written is None:
-                continue
-            name = written.name
-            written.name = f"{name}.onnxvq_float"
-            original.name = name
-            written.replace_all_uses_with(original, replace_graph_outputs=True)
+            if written is not None:
+                _take_over(written, original, ".onnxvq_float")
         for node in reversed(layer.added):
             graph.remove(node, safe=True)
         for weight in layer.weights:
@@ -111,6 +107,15 @@ def restore_unencoded(model: ir.Model, converted: list[IntegerLayer]) -> int:
                 graph.initializers.pop(weight.name, None)
         restored += 1
     return restored
+
+
+def _take_over(old: ir.Value, new: ir.Value, suffix: str) -> None:
+    """``new`` takes ``old``'s name and readers (graph outputs too); ``old`` is renamed with
+    ``suffix`` out of its way."""
+    name = old.name
+    old.name = f"{name}{suffix}"
+    new.name = name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -153,12 +158,8 @@ class _Rewrite:
         target does not count them as what stays."""
         node = self.node
         for original, written in zip(node.outputs, outputs):
-            if written is None:
-                continue
-            name = original.name
-            original.name = f"{name}.onnxvq_integer"
-            written.name = name
-            original.replace_all_uses_with(written, replace_graph_outputs=True)
+            if written is not None:
+                _take_over(original, written, ".onnxvq_integer")
         self.graph.remove(node, safe=False)
         integer_inputs = [node.inputs[i] for i in self.integer_slots
                           if i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].is_initializer()]

@@ -173,8 +173,9 @@ def test_a_tied_embedding_is_encoded_once_for_the_lookup_and_the_output_projecti
     np.testing.assert_allclose(run_ort(compressed, feeds)[0], run_ort(twin, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method, params", [("lr2vq", {"k": 64, "d": 8}), ("ssvq", {"k": 16, "d": 8})])
-def test_every_method_encodes_a_table_and_a_conv_transpose(method, params):
+def _table_then_upsampler() -> onnx.ModelProto:
+    """tokens (2, 6) -> Gather from a 512 x 24 table ("embed") -> (B, 24, T) -> ConvTranspose
+    24 -> 16, kernel 2, stride 2 ("up")."""
     table = (0.1 * rng(6).standard_normal((512, 24))).astype(np.float32)
     up = (0.1 * rng(7).standard_normal((24, 16, 2))).astype(np.float32)
     nodes = [
@@ -182,11 +183,16 @@ def test_every_method_encodes_a_table_and_a_conv_transpose(method, params):
         helper.make_node("Transpose", ["embedded"], ["channels"], perm=[0, 2, 1]),
         helper.make_node("ConvTranspose", ["channels", "U"], ["y"], name="up", strides=[2]),
     ]
-    model = make_model(
+    return make_model(
         nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, [2, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(table, "E"), numpy_helper.from_array(up, "U")],
     )
+
+
+@pytest.mark.parametrize("method, params", [("lr2vq", {"k": 64, "d": 8}), ("ssvq", {"k": 16, "d": 8})])
+def test_every_method_encodes_a_table_and_a_conv_transpose(method, params):
+    model = _table_then_upsampler()
     result = onnxvq.compress(model, method=method, min_size=0, **params)
     assert all(l.compressed and l.method == method for l in result.summary.layers)
     compressed = result.to_proto()
@@ -198,18 +204,7 @@ def test_every_method_encodes_a_table_and_a_conv_transpose(method, params):
 
 def test_per_layer_config_keys_by_the_new_op_types():
     """``layers`` keys ``Gather``, ``ConvTranspose`` and ``LSTM`` pick each op's settings."""
-    table = (0.1 * rng(6).standard_normal((512, 24))).astype(np.float32)
-    up = (0.1 * rng(7).standard_normal((24, 16, 2))).astype(np.float32)
-    nodes = [
-        helper.make_node("Gather", ["E", "tokens"], ["embedded"], name="embed"),
-        helper.make_node("Transpose", ["embedded"], ["channels"], perm=[0, 2, 1]),
-        helper.make_node("ConvTranspose", ["channels", "U"], ["y"], name="up", strides=[2]),
-    ]
-    model = make_model(
-        nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, [2, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(up, "U")],
-    )
+    model = _table_then_upsampler()
     config = {"min_size": 0, "k": 64, "d": 4,
               "layers": {"Gather": {"k": 16, "d": 2}, "ConvTranspose": {"skip": True}}}
     by_name = {l.name: l for l in onnxvq.compress(model, config).summary.layers}
