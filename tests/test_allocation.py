@@ -244,8 +244,11 @@ def test_weights_in_constant_nodes_are_measured():
     sensitivity = OutputSensitivity(model, layers, load_calibration(feeds, model))
     assert sensitivity.error(conv, conv.weight_array()) == pytest.approx(0.0, abs=1e-12)
     assert sensitivity.error(conv, 1.1 * conv.weight_array()) > 1e-4
-    result = onnxvq.compress(cnn(conv_weights_as_constants=True), target_ratio=2, calib=feeds, finetune="none")
-    assert sum(layer.compressed for layer in result.summary.layers) >= 2
+    source = cnn(conv_weights_as_constants=True)
+    result = onnxvq.compress(source, target_ratio=2, calib=feeds, finetune="none")
+    by_name = {layer.name: layer for layer in result.summary.layers}
+    assert by_name["conv2"].compressed  # a Constant-node weight, the largest: encoded
+    assert len(source.SerializeToString()) / len(result.to_proto().SerializeToString()) >= 2
 
 
 def test_a_target_below_what_is_left_dense_fails_before_any_work():
@@ -328,3 +331,14 @@ def test_model_bytes_without_measures_the_serialized_model_and_leaves_it_as_it_w
     without = model_bytes_without(model, {name})
     assert abs(full - without - len(tensor.raw_data or b"") - 4 * len(tensor.float_data)) <= 8
     assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+@pytest.mark.parametrize("target", [4, 6])
+def test_a_ratio_target_on_many_small_layers_lands_near_the_target(target):
+    """The ops' own bytes are reserved for every layer and up to MAX_VARIANTS function bodies
+    before the plan is known; what the plan does not need goes back to the weights. Before,
+    eleven 96-wide layers at targets 4 and 6 came out at 5.3x and 9.5x."""
+    model = mlp((64,) + (96,) * 10 + (10,), seed=1)
+    result = onnxvq.compress(model, target_ratio=target)
+    ratio = len(model.SerializeToString()) / len(result.to_proto().SerializeToString())
+    assert target <= ratio <= 1.15 * target
