@@ -15,9 +15,10 @@ so the pair becomes one Conv with ``W'_c = s_c W_c`` and ``b'_c = s_c (b_c - mea
 (computed in float64, stored in the weight's dtype: the outputs agree to float rounding, as
 onnxruntime's own fusion does). A pair is folded when the BatchNormalization is in inference
 mode with only its ``Y`` used, its four parameters are constants, it is the only reader of the
-Conv's output, and the Conv's weight (and bias) are constants only that Conv reads. The folded
-weight and bias are new initializers of the main graph (visible inside control-flow bodies); the
-old ones go when nothing else reads them. This runs on onnxvq's in-memory copy.
+Conv's output, and the Conv's weight (and bias) are constants only that Conv reads. The old
+weight, bias and parameters go; the folded weight and bias are initializers of the main graph
+(visible inside control-flow bodies) under the old weight's and bias's names. This runs on
+onnxvq's in-memory copy.
 """
 
 from __future__ import annotations
@@ -48,13 +49,19 @@ def fold_batch_norms(model: ir.Model) -> int:
         s = scale / np.sqrt(var + epsilon)
         new_weight = (weight.astype(np.float64) * s.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
         new_bias = (s * (bias.astype(np.float64) - mean) + offset).astype(weight.dtype)
+        # The old weight and bias go first, so that the folded ones take their names (what the
+        # summary and inspect show is the user's weight name).
+        names = [conv.inputs[1].name, bias_value.name if bias_value is not None else f"{conv.inputs[1].name}.bias"]
         old = [v for v in (conv.inputs[1], bias_value) if v is not None]
-        prefix = conv.inputs[1].name
-        conv.replace_input_with(1, register_initializer(model.graph, f"{prefix}.bn_folded", new_weight, taken))
-        folded_bias = register_initializer(model.graph, f"{prefix}.bn_folded_bias", new_bias, taken)
         if bias_value is None:
             conv.resize_inputs(3)
-        conv.replace_input_with(2, folded_bias)
+        conv.replace_input_with(1, None)
+        conv.replace_input_with(2, None)
+        for value in old:  # only this Conv read them (checked): they go, and their names are free
+            remove_if_dead(value)
+            taken.discard(value.name)
+        conv.replace_input_with(1, register_initializer(model.graph, names[0], new_weight, taken))
+        conv.replace_input_with(2, register_initializer(model.graph, names[1], new_bias, taken))
         y = node.outputs[0]
         conv_out = conv.outputs[0]
         name = y.name
@@ -62,7 +69,7 @@ def fold_batch_norms(model: ir.Model) -> int:
         y.replace_all_uses_with(conv_out, replace_graph_outputs=True)
         parameters = list(node.inputs[1:5])
         node.graph.remove(node, safe=True)
-        for value in old + parameters:
+        for value in parameters:
             remove_if_dead(value)
         folded += 1
     return folded

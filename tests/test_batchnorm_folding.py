@@ -57,8 +57,11 @@ def test_folded_pairs_compute_the_same_outputs():
     folded = ir.serde.serialize_model(model)
     bns = [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"]
     assert bns == ["bn3", "bn5", "bn6"]
-    names = {i.name for i in folded.graph.initializer}
-    assert not names & {"w1", "b1", "w2", "bn1.scale", "bn2.var"} and {"w3", "w4", "bn3.mean"} <= names
+    tensors = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
+    assert not set(tensors) & {"bn1.scale", "bn2.var"} and {"w3", "w4", "bn3.mean"} <= set(tensors)
+    # the folded weights and biases keep the user's names (conv2 had no bias: "w2.bias")
+    assert tensors["w1"].shape == (8, 3, 3, 3) and tensors["b1"].shape == (8,) and tensors["w2.bias"].shape == (6,)
+    assert not np.allclose(tensors["w1"], numpy_helper.to_array(original.graph.initializer[0]))
     assert [o.name for o in folded.graph.output] == ["y", "u"]
     feeds = {"x": rng(7).standard_normal((2, 3, 10, 10)).astype(np.float32)}
     for got, want in zip(run_ort(folded, feeds), run_ort(original, feeds)):
