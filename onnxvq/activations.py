@@ -21,9 +21,10 @@ columns only their diagonal is kept.
 A layer inside If branches (at any depth) is captured on the calibration samples that take its
 branch: each tapped value computed there, and a one-element "gate" constant added to the
 layer's branch, becomes an extra output of its branch and of the If (the other branch gives an
-empty tensor); a batch whose gate comes back empty adds nothing to that layer. Layers that cannot be captured (inside a
-Loop/Scan body, a weight that is not a main-graph initializer, or a batched MatMul weight whose
-inputs differ per batch entry) are absent from the result; they are encoded from weights alone.
+empty tensor); a batch whose gate comes back empty adds nothing to that layer. Layers that
+cannot be captured (inside a Loop/Scan body, a weight that is not a main-graph initializer, or a
+batched MatMul weight whose inputs differ per batch entry) are absent from the result; they are
+encoded from weights alone.
 A recurrent op's input vectors are ``[x_t; h_(t-1)]`` per direction, rebuilt from its input
 sequence and its output ``Y`` (``ops.vq_recurrent``).
 """

@@ -27,6 +27,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -249,8 +250,6 @@ def model_bytes_without(model: ir.Model, excluded: set[str]) -> int:
     (initializers or ``Constant`` outputs): each other tensor counted at its data bytes, the rest
     by serializing the model with every tensor emptied meanwhile (no copy of the weights is made,
     and models over protobuf's 2 GiB are measured too). The model is as it was afterwards."""
-    import numpy as np
-
     empty = ir.tensor(np.zeros(0, np.uint8))
     payload = 0
     restore: list = []
