@@ -152,8 +152,9 @@ _DEQUANTIZED = "integer weights behind a DequantizeLinear (QDQ), dequantized and
 _NOT_SUPPORTED = {
     "ConvInteger": "its weight is not a constant only this node reads",
     "MatMulInteger": "its weight is not a constant only this node reads",
-    "QLinearConv": "QOperator-format quantized op is not converted yet (QDQ models are)",
-    "QLinearMatMul": "QOperator-format quantized op is not converted yet (QDQ models are)",
+    "QLinearConv": "its weight is not a constant only this node reads, or its input scale is not a constant",
+    "QLinearMatMul": "its B is not a constant 2-D weight only this node reads",
+    "QGemm": "its weight is not a constant only this node reads, or its input scale is not a constant",
     "MatMulNBits": ("its weight is not a constant only this node reads, it has g_idx (columns out of block "
                     "order), or its width is not 2, 4 or 8 bits"),
     "DynamicQuantizeLSTM": "its weights are not constants only this node reads",

@@ -1,6 +1,6 @@
 """onnxruntime's integer ops, seen as float layers while onnxvq works, put back where not encoded.
 
-Four ops hold integer weights that onnxvq can encode once they are float:
+These ops hold integer weights that onnxvq can encode once they are float:
 
 * ``ConvInteger(x_q, w_q, x_zero_point, w_zero_point)`` and ``MatMulInteger(a_q, b_q, ...)``
   (``quantize_dynamic``), behind a ``DynamicQuantizeLinear`` of the activation and before a float
@@ -24,6 +24,13 @@ Four ops hold integer weights that onnxvq can encode once they are float:
   unit. It becomes the ``LSTM`` it was made from, ``W = transpose((W_q - zp) * scale)``, every
   attribute kept. This one changes numbers a little: the quantized op also quantizes ``x_t`` and
   ``h_(t-1)`` per step, the float LSTM does not.
+* QOperator ops (``quantize_static`` with ``QuantFormat.QOperator``): ``QLinearConv(x, x_scale,
+  x_zp, w, w_scale, w_zp, y_scale, y_zp, B)``, ``QLinearMatMul(a, .., b, b_scale, b_zp, y_scale,
+  y_zp)`` and ``com.microsoft::QGemm(a, .., b, b_scale, b_zp, C, y_scale, y_zp)``. Each becomes
+  ``QuantizeLinear(Conv|MatMul|Gemm(DequantizeLinear(x), W, bias), y_scale, y_zp)`` with
+  ``W = (w - w_zp) * w_scale`` (per tensor or per output channel) and the int32 bias at its scale
+  ``x_scale * w_scale``; a QGemm without ``y_scale`` gives float. Float accumulation can round an
+  output to the neighbouring quantization level where the integer kernel did not.
 
 :func:`convert_integer_ops` rewrites every such node whose integer inputs are constants that only
 it reads: a float layer like any other, which every part of onnxvq (captures, the size target,
@@ -71,9 +78,11 @@ def convert_integer_ops(model: ir.Model) -> list[IntegerLayer]:
         if rewrite is None:
             continue
         slots = _CONSTANT_SLOTS[node.op_type]
-        inputs = list(node.inputs) + [None] * (max(slots) + 1 - len(node.inputs))
+        shared = _SHARED_CONSTANT_SLOTS.get(node.op_type, ())
+        inputs = list(node.inputs) + [None] * (max(slots + shared) + 1 - len(node.inputs))
         values = {i: inputs[i] for i in slots if inputs[i] is not None}
         tensors = {i: constant_tensor(v) for i, v in values.items()}
+        tensors.update({i: constant_tensor(inputs[i]) for i in shared if inputs[i] is not None})
         if any(t is None for t in tensors.values()) or min(slots) not in values:
             continue  # a weight computed at run time: left as it is (inspect says so)
         if any(v.is_graph_output() or any(user is not node for user, _ in v.uses()) for v in values.values()):
@@ -280,6 +289,70 @@ def _convert_quantized_lstm(graph: ir.Graph, node: ir.Node, constants: dict[int,
     return rewrite.finish(float_node, outputs)
 
 
+def _per_channel(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A scalar or a 1-D per-channel array, shaped to broadcast along ``axis`` of an ``ndim``
+    array."""
+    values = np.asarray(values, np.float64)
+    if values.size == 1:
+        return values.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def _qoperator_weight(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
+    """``(q - zero_point) * scale`` with per-tensor or per-``axis`` parameters, float32."""
+    zero_point = _per_channel(zero, q.ndim, axis) if zero is not None else 0.0
+    return ((q.astype(np.float64) - zero_point) * _per_channel(scale, q.ndim, axis)).astype(np.float32)
+
+
+def _convert_qoperator(graph: ir.Graph, node: ir.Node, constants: dict[int, np.ndarray]) -> IntegerLayer | None:
+    """QLinearConv, QLinearMatMul and com.microsoft QGemm (module docstring): the activation
+    dequantized, the float layer, the output quantized again (QGemm without ``y_scale`` gives
+    float). Only a constant B / W (the second operand) is converted."""
+    op = node.op_type
+    layout = _QOPERATOR[op]
+    inputs = list(node.inputs) + [None] * (9 - len(node.inputs))
+    x, x_scale, x_zp = inputs[0:3]
+    w_slot, bias_slot, y_slots = layout["weight"], layout.get("bias"), layout["y"]
+    q = constants[w_slot]
+    trans_b = _attribute(node, "transB", 0) if op == "QGemm" else 0
+    # the output channel of the weight: Conv's axis 0, B's columns (its rows with transB)
+    axis = 0 if op == "QLinearConv" or trans_b else q.ndim - 1
+    if op == "QLinearMatMul" and q.ndim != 2:
+        return None
+    weight = _qoperator_weight(q, constants[w_slot + 1], constants.get(w_slot + 2), axis)
+    stored = sum(constants[i].nbytes for i in (w_slot, w_slot + 1, w_slot + 2, bias_slot) if i in constants)
+    rewrite = _Rewrite(graph, node, tuple(i for i in (w_slot, w_slot + 1, w_slot + 2, bias_slot) if i is not None))
+    source = f"{op} int8 weights (onnxruntime's QOperator quantization), converted to float and encoded"
+    float_weight = rewrite.weight(weight, inputs[w_slot].name, stored, source)
+    args = [x, x_scale] + ([x_zp] if x_zp is not None else [])
+    x_float = rewrite.add("DequantizeLinear", args).outputs[0]
+    layer_inputs = [x_float, float_weight]
+    if bias_slot is not None and bias_slot in constants:  # int32 at scale x_scale * w_scale
+        bias_scale = float(constants[1].reshape(())) * np.asarray(constants[w_slot + 1], np.float64).reshape(-1)
+        bias = (constants[bias_slot].astype(np.float64) * bias_scale).astype(np.float32)
+        layer_inputs.append(rewrite.weight(bias, inputs[bias_slot].name, 0, source))
+    float_type = {"QLinearConv": "Conv", "QLinearMatMul": "MatMul", "QGemm": "Gemm"}[op]
+    attributes = _copied_attributes(node) if op != "QLinearMatMul" else []
+    float_node = rewrite.add(float_type, layer_inputs, attributes)
+    float_node.name, float_node.doc_string = node.name, node.doc_string
+    result = float_node.outputs[0]
+    y_scale, y_zp = (inputs[i] for i in y_slots)
+    if y_scale is not None:
+        result = rewrite.add("QuantizeLinear", [result, y_scale] + ([y_zp] if y_zp is not None else [])).outputs[0]
+    return rewrite.finish(float_node, [result])
+
+
+# Input slots of the QOperator ops: the weight (then its scale and zero point), the int32 bias,
+# the output's scale and zero point. Slot 1 is always the activation's scale.
+_QOPERATOR = {
+    "QLinearConv": {"weight": 3, "bias": 8, "y": (6, 7)},
+    "QLinearMatMul": {"weight": 3, "y": (6, 7)},
+    "QGemm": {"weight": 3, "bias": 6, "y": (7, 8)},
+}
+
+
 _Converter = Callable[[ir.Graph, ir.Node, dict[int, np.ndarray]], "IntegerLayer | None"]
 _REWRITES: dict[tuple[str, str], _Converter] = {
     ("", "ConvInteger"): _convert_integer,
@@ -288,10 +361,21 @@ _REWRITES: dict[tuple[str, str], _Converter] = {
     ("ai.onnx", "MatMulInteger"): _convert_integer,
     (_MS_DOMAIN, "MatMulNBits"): _convert_nbits,
     (_MS_DOMAIN, "DynamicQuantizeLSTM"): _convert_quantized_lstm,
+    ("", "QLinearConv"): _convert_qoperator,
+    ("ai.onnx", "QLinearConv"): _convert_qoperator,
+    ("", "QLinearMatMul"): _convert_qoperator,
+    ("ai.onnx", "QLinearMatMul"): _convert_qoperator,
+    (_MS_DOMAIN, "QGemm"): _convert_qoperator,
 }
 # The inputs that must be constants read by this node only; the first is the weight itself.
 _CONSTANT_SLOTS = {"ConvInteger": (1, 3), "MatMulInteger": (1, 3), "MatMulNBits": (1, 2, 3),
+                   "QLinearConv": (3, 4, 5, 8), "QLinearMatMul": (3, 4, 5), "QGemm": (3, 4, 5, 6),
                    "DynamicQuantizeLSTM": (1, 2, 8, 9, 10, 11)}
+
+
+# Inputs that must be constants but may be shared: the activation's scale (a QOperator bias is
+# stored at x_scale * w_scale).
+_SHARED_CONSTANT_SLOTS = {"QLinearConv": (1,), "QGemm": (1,)}
 
 
 def _int64(graph: ir.Graph, values: list[int], name: str) -> ir.Value:

@@ -212,3 +212,54 @@ def test_a_quantized_lstm_is_encoded(tmp_path):
     twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
     for got, expected in zip(run_ort(compressed, feeds), run_ort(twin, feeds)):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def qoperator(tmp_path_factory):
+    """The sample CNN through onnxruntime's quantize_static in the QOperator format: QLinearConv,
+    QGemm (com.microsoft), QLinearMatMul, per-channel int8 weights, uint8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": rng(60 + i).standard_normal((2, 3, 16, 16)).astype(np.float32)} for i in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    folder = tmp_path_factory.mktemp("qoperator")
+    onnx.save(cnn(), folder / "fp32.onnx")
+    quantize_static(str(folder / "fp32.onnx"), str(folder / "qop.onnx"), Reader(), quant_format=QuantFormat.QOperator,
+                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    return onnx.load(folder / "qop.onnx")
+
+
+def test_qoperator_ops_become_float_layers_between_dequantize_and_quantize(qoperator):
+    """Within one step of the output's quantization (float vs integer accumulation can round a
+    value to the neighbouring level), and put back exactly."""
+    assert {"QLinearConv", "QGemm", "QLinearMatMul"} <= set(_ops(qoperator))
+    want = run_ort(qoperator, FEEDS)[0]
+    model = ir.serde.deserialize_model(qoperator)
+    converted = convert_integer_ops(model)
+    assert sorted(c.original.op_type for c in converted) == ["QGemm", "QLinearConv", "QLinearConv", "QLinearMatMul"]
+    as_float = ir.serde.serialize_model(model)
+    assert not {"QLinearConv", "QGemm", "QLinearMatMul"} & set(_ops(as_float))
+    step = float(numpy_helper.to_array(next(i for i in qoperator.graph.initializer if i.name == "logits_scale")))
+    assert np.abs(run_ort(as_float, FEEDS)[0] - want).max() <= 2 * step + 1e-6
+    assert restore_unencoded(model, converted) == 4
+    restored = ir.serde.serialize_model(model)
+    assert _ops(restored) == _ops(qoperator)
+    np.testing.assert_array_equal(run_ort(restored, FEEDS)[0], want)
+
+
+def test_a_qoperator_model_compresses_further(qoperator):
+    result = onnxvq.compress(qoperator, k=256, d=2, min_size=0)
+    compressed = result.to_proto()
+    onnx.checker.check_model(compressed)
+    assert {"VQConv", "VQGemm"} <= set(_ops(compressed))
+    assert len(compressed.SerializeToString()) < len(qoperator.SerializeToString())
+    got, quantized = run_ort(compressed, FEEDS)[0], run_ort(qoperator, FEEDS)[0]
+    assert np.sum((got - quantized) ** 2) / np.sum(quantized**2) < 0.05
+    assert "QLinearConv int8 weights (onnxruntime's QOperator quantization)" in result.summary.format()
+    twin = ir.serde.serialize_model(onnxvq.decompress(compressed))
+    np.testing.assert_allclose(got, run_ort(twin, FEEDS)[0], rtol=1e-5, atol=1e-5)
