@@ -63,6 +63,17 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def int8_static_qdq(model_path, out_path, calib, work_dir) -> str:
+    return _int8_static(model_path, out_path, calib, work_dir, qoperator=False)
+
+
+def int8_static_qoperator(model_path, out_path, calib, work_dir) -> str:
+    """The QOperator format (QLinearConv, QLinearMatMul, QGemm, ...), uint8 activations (what
+    onnxruntime's CPU QLinear kernels take), int8 weights; not a suite baseline (the QDQ one is),
+    used by ``on_int8.py``."""
+    return _int8_static(model_path, out_path, calib, work_dir, qoperator=True)
+
+
+def _int8_static(model_path, out_path, calib, work_dir, *, qoperator: bool) -> str:
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
@@ -91,8 +102,10 @@ def int8_static_qdq(model_path, out_path, calib, work_dir) -> str:
                 notes.append(f"no pre-process ({type(e).__name__})")
     reader_cls = type("Reader", (_Reader, CalibrationDataReader), {})
     for per_channel in (True, False):
-        quantize_static(src, out_path, reader_cls(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        quantize_static(src, out_path, reader_cls(calib), per_channel=per_channel,
+                        quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8 if qoperator else QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
         try:  # the quantizer can write a file onnxruntime refuses; per tensor is then the fallback
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
@@ -102,7 +115,8 @@ def int8_static_qdq(model_path, out_path, calib, work_dir) -> str:
             if not per_channel:
                 raise
             notes.append(f"per-channel file invalid ({type(e).__name__}), per tensor")
-    head = "QDQ, QInt8 act + weights " + ("per channel" if per_channel else "per tensor") + ", MinMax"
+    head = (("QOperator, QUInt8 act, QInt8 weights " if qoperator else "QDQ, QInt8 act + weights ")
+            + ("per channel" if per_channel else "per tensor") + ", MinMax")
     return ", ".join([head, *notes])
 
 

@@ -1,15 +1,17 @@
 """onnxvq on top of onnxruntime's int8 models: a pipeline that already quantized goes further.
 
 For each task model: onnxruntime's static QDQ (``quantize_static``) and dynamic
-(``quantize_dynamic``: ConvInteger/MatMulInteger) int8 files are made as the suite makes them
-(``baselines.py``), then each is compressed by onnxvq at ``--target-ratio`` against the int8 file
-(with the task's calibration data, data-aware encoding) and evaluated on the task's metric.
+(``quantize_dynamic``: ConvInteger/MatMulInteger) int8 files (with ``--variants``, also the
+QOperator format: QLinearConv, QGemm, ...) are made as the suite makes them (``baselines.py``),
+then each is compressed by onnxvq at ``--target-ratio`` against the int8 file (with the task's
+calibration data, data-aware encoding) and evaluated on the task's metric.
 Ratios are against the fp32 file. A model its authors ship as int8 (``ALREADY_INT8`` in its task
 module, e.g. ddddocr's ``common_old.onnx``) is taken as it is; its ratios are against its fp32
 form (4 bytes for every element of every initializer: what the dequantized model would store).
 
     python benchmarks/real_models/on_int8.py --models ppocr_det,ddddocr_det --target 2 --quick
     python benchmarks/real_models/on_int8.py --models ddddocr_ocr_old --target 2,4 --quick
+    python benchmarks/real_models/on_int8.py --models ddddocr_det --variants "int8 static QOperator" --quick
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import onnxvq  # noqa: E402
 
 # Task modules whose model ships as int8, not in the main suite's TASKS (its fp32 rows need an fp32 file).
 SHIPPED_INT8_TASKS = ["ddddocr_ocr_old"]
-INT8 = {"int8 static QDQ": baselines.int8_static_qdq, "int8 dynamic": baselines.int8_dynamic}
+INT8 = {"int8 static QDQ": baselines.int8_static_qdq, "int8 dynamic": baselines.int8_dynamic,
+        "int8 static QOperator": baselines.int8_static_qoperator}
 
 
 def main() -> int:
@@ -43,6 +46,8 @@ def main() -> int:
     parser.add_argument("--models", default="det_ppocr,ddddocr_det", help="task modules or names, comma-separated")
     parser.add_argument("--target", default="2", help="onnxvq's --target-ratio against the int8 file (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="the tasks' quick eval and calibration sizes")
+    parser.add_argument("--variants", default="int8 static QDQ,int8 dynamic",
+                        help=f"onnxruntime int8 files to start from, comma-separated, of: {', '.join(INT8)}")
     args = parser.parse_args()
     rows = []
     for name in args.models.split(","):
@@ -58,7 +63,7 @@ def main() -> int:
         if not shipped_int8:
             rows.append((task.NAME, "fp32", 1.0, reference.metrics[metric], "-"))
         with tempfile.TemporaryDirectory() as work:
-            variants = {"int8 as shipped": None} if shipped_int8 else INT8
+            variants = {"int8 as shipped": None} if shipped_int8 else {v: INT8[v] for v in args.variants.split(",")}
             for label, make in variants.items():
                 int8 = str(source) if make is None else os.path.join(work, label.replace(" ", "_") + ".onnx")
                 if make is not None:
