@@ -103,6 +103,34 @@ def lstm_model(directions=2, hidden=32, size=24) -> onnx.ModelProto:
     )
 
 
+def random_encoding(r: np.random.Generator, layout, k: int, d: int, extras=(), codebook_dtype=np.float16, *,
+                    codebook_scale: float = 1.0, scale_decades=(-2, 1)):
+    """(codes (rows, n_sub), codebook, matrix (rows, cols) float32, {extra: stored tensor}):
+    random codes into a random codebook (times ``codebook_scale``), with a rank-2 ``projection``,
+    packed ``signs`` and/or per-row ``scales`` (``10^U(scale_decades)``) as ``extras`` asks. The
+    matrix is exactly the weight the codes stand for, in ``layout``'s rows."""
+    from onnxvq.ops.signs import pack_signs
+
+    codes = r.integers(0, k, (layout.rows, layout.n_sub))
+    stored = {}
+    if "projection" in extras:
+        codebook = (codebook_scale * r.standard_normal((k, 2))).astype(codebook_dtype)
+        stored["projection"] = r.standard_normal((2, d)).astype(codebook_dtype)
+        codewords = codebook.astype(np.float32) @ stored["projection"].astype(np.float32)
+    else:
+        codebook = (codebook_scale * r.standard_normal((k, d))).astype(codebook_dtype)
+        codewords = codebook.astype(np.float32)
+    matrix = codewords[codes].reshape(layout.rows, -1)[:, : layout.cols]
+    if "signs" in extras:
+        negative = r.random(matrix.shape) < 0.5
+        stored["signs"] = pack_signs(negative)
+        matrix = matrix * np.where(negative, -1.0, 1.0).astype(np.float32)
+    if "scales" in extras:  # magnitudes spread over decades, as in BN-folded convolutions
+        stored["scales"] = (10.0 ** r.uniform(*scale_decades, layout.rows)).astype(codebook_dtype)
+        matrix = matrix * stored["scales"].astype(np.float32)[:, None]
+    return codes, codebook, matrix.astype(np.float32), stored
+
+
 def run_ort(model: onnx.ModelProto | bytes | str, feeds: dict, **session_kwargs) -> list[np.ndarray]:
     import onnxruntime as ort
 

@@ -10,13 +10,12 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxvq
-from models import lstm_model, make_model, rng, run_ort
+from models import lstm_model, make_model, random_encoding, rng, run_ort
 from onnxvq import ops
 from onnxvq.candidates import find_layers
 from onnxvq.layout import WeightLayout
 from onnxvq.ops import vq_gather
 from onnxvq.ops.codes import code_bits_for_k, pack_codes
-from onnxvq.ops.signs import pack_signs
 
 CODINGS = [(16, 4, 11), (5, 3, 13), (256, 5, 17), (300, 4, 21)]
 EXTRAS = [(), ("scales",), ("signs",), ("projection", "signs", "scales")]
@@ -27,24 +26,7 @@ def build(case, k, d, opset, extras=(), *, seed=0, codebook_dtype=np.float16):
     name, shape, index_shape, attrs, _ = case
     r = np.random.default_rng(seed)
     lay = WeightLayout(shape, False, 1, d)
-    codes = r.integers(0, k, (lay.rows, lay.n_sub))
-    stored = {}
-    if "projection" in extras:
-        codebook = r.standard_normal((k, 2)).astype(codebook_dtype)
-        stored["projection"] = r.standard_normal((2, d)).astype(codebook_dtype)
-        codewords = codebook.astype(np.float32) @ stored["projection"].astype(np.float32)
-    else:
-        codebook = r.standard_normal((k, d)).astype(codebook_dtype)
-        codewords = codebook.astype(np.float32)
-    table = codewords[codes].reshape(lay.rows, -1)[:, : lay.cols]
-    if "signs" in extras:
-        negative = r.random(table.shape) < 0.5
-        stored["signs"] = pack_signs(negative)
-        table = table * np.where(negative, -1.0, 1.0)
-    if "scales" in extras:
-        stored["scales"] = (10.0 ** r.uniform(-2, 1, lay.rows)).astype(codebook_dtype)
-        table = table * stored["scales"].astype(np.float32)[:, None]
-    table = table.astype(np.float32)
+    codes, codebook, table, stored = random_encoding(r, lay, k, d, extras, codebook_dtype)
     bits = code_bits_for_k(k)
     packed = pack_codes(codes, bits)
     variant = ops.Variant.of(code_bits=bits, codes_shape=packed.shape, d=d, weight_shape=shape, transposed=False,

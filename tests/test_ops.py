@@ -14,11 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from models import run_ort
+from models import random_encoding, run_ort
 from onnxvq import ops
 from onnxvq.layout import WeightLayout, matrix_to_weight
 from onnxvq.ops.codes import code_bits_for_k, pack_codes
-from onnxvq.ops.signs import pack_signs
 
 ALL_CASES = [(mod, case) for mod in (ops.vq_conv, ops.vq_conv_transpose, ops.vq_gemm, ops.vq_matmul)
              for case in mod.CASES]
@@ -34,23 +33,7 @@ def build(mod, case, k, d, opset, *, seed=0, codebook_dtype=np.float16, extras=(
     rng = np.random.default_rng(seed)
     transposed, row_axes = mod.weight_view(wshape, attrs)
     lay = WeightLayout(tuple(wshape), transposed, row_axes, d)
-    codes = rng.integers(0, k, (lay.rows, lay.n_sub))
-    stored_extras = {}
-    if "projection" in extras:
-        codebook = rng.standard_normal((k, 2)).astype(codebook_dtype)
-        stored_extras["projection"] = rng.standard_normal((2, d)).astype(codebook_dtype)
-        codewords = codebook.astype(np.float32) @ stored_extras["projection"].astype(np.float32)
-    else:
-        codebook = rng.standard_normal((k, d)).astype(codebook_dtype)
-        codewords = codebook.astype(np.float32)
-    matrix = codewords[codes].reshape(lay.rows, -1)[:, : lay.cols]
-    if "signs" in extras:
-        negative = rng.random(matrix.shape) < 0.5
-        stored_extras["signs"] = pack_signs(negative)
-        matrix = matrix * np.where(negative, -1.0, 1.0).astype(np.float32)
-    if "scales" in extras:  # magnitudes spread over three decades, as in BN-folded convolutions
-        stored_extras["scales"] = (10.0 ** rng.uniform(-2, 1, lay.rows)).astype(codebook_dtype)
-        matrix = matrix * stored_extras["scales"].astype(np.float32)[:, None]
+    codes, codebook, matrix, stored_extras = random_encoding(rng, lay, k, d, extras, codebook_dtype)
     weight = np.ascontiguousarray(matrix_to_weight(matrix, wshape, transposed))
     bits = code_bits_for_k(k)
     stored = pack_codes(codes, bits)

@@ -9,12 +9,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from models import run_ort
+from models import random_encoding, run_ort
 from onnxvq import ops
 from onnxvq.layout import WeightLayout, join_recurrent
 from onnxvq.ops import vq_recurrent
 from onnxvq.ops.codes import code_bits_for_k, pack_codes
-from onnxvq.ops.signs import pack_signs
 
 # (name, op, directions, hidden, input size, optional inputs present, attributes, outputs used, opset)
 CASES = [
@@ -44,23 +43,8 @@ def build(case, k, d, *, seed=0, scales=False, extras=None, codebook_dtype=np.fl
     rng = np.random.default_rng(seed)
     shape = (dirs, op.gates * hidden, isize + hidden)
     lay = WeightLayout(shape, False, 2, d)
-    codes = rng.integers(0, k, (lay.rows, lay.n_sub))
-    stored_extras = {}
-    if "projection" in extras:
-        codebook = (0.4 * rng.standard_normal((k, 2))).astype(codebook_dtype)
-        stored_extras["projection"] = rng.standard_normal((2, d)).astype(codebook_dtype)
-        codewords = codebook.astype(np.float32) @ stored_extras["projection"].astype(np.float32)
-    else:
-        codebook = (0.4 * rng.standard_normal((k, d))).astype(codebook_dtype)
-        codewords = codebook.astype(np.float32)
-    matrix = codewords[codes].reshape(lay.rows, -1)[:, : lay.cols]
-    if "signs" in extras:
-        negative = rng.random(matrix.shape) < 0.5
-        stored_extras["signs"] = pack_signs(negative)
-        matrix = matrix * np.where(negative, -1.0, 1.0).astype(np.float32)
-    if "scales" in extras:  # per gate unit
-        stored_extras["scales"] = (10.0 ** rng.uniform(-1, 0.5, lay.rows)).astype(codebook_dtype)
-        matrix = matrix * stored_extras["scales"].astype(np.float32)[:, None]
+    codes, codebook, matrix, stored_extras = random_encoding(  # scales per gate unit
+        rng, lay, k, d, extras, codebook_dtype, codebook_scale=0.4, scale_decades=(-1, 0.5))
     joined = matrix.reshape(shape)
     w, r = op.split(joined)
     batch_first = attrs.get("layout", 0) == 1
