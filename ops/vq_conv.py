@@ -86,7 +86,8 @@ def input_names(variant: vq_weight.Variant) -> list[str]:
 
 
 def decode(codes: np.ndarray, codebook: np.ndarray, **named) -> np.ndarray:
-    """The dense Conv weight this node stands for."""
+    """The dense weight this node stands for, never transposed (Conv's, and ConvTranspose's,
+    which :mod:`vq_conv_transpose` decodes with this function)."""
     extras, attributes = vq_weight.split_extras(named)
     return vq_weight.weight_from_attributes(codes, codebook, attributes, transposed=False, **extras)
 

@@ -14,10 +14,9 @@ Inputs: ``X``, ``codes``, ``codebook``, the variant's extras (``projection``, ``
 
 from __future__ import annotations
 
-import numpy as np
 from onnx.reference.op_run import OpRun
 
-from onnxvq.ops import vq_weight
+from onnxvq.ops import vq_conv, vq_weight
 
 __all__ = ["CASES", "CONSUMER", "OP_TYPE", "VQConvTranspose", "decode", "function", "input_names", "weight_view"]
 
@@ -38,14 +37,9 @@ def weight_view(weight_shape, attributes: dict) -> tuple[bool, int]:
     return False, 1
 
 
-def input_names(variant: vq_weight.Variant) -> list[str]:
-    return ["X", *vq_weight.encoded_inputs(variant), "B"]
-
-
-def decode(codes: np.ndarray, codebook: np.ndarray, **named) -> np.ndarray:
-    """The dense ConvTranspose weight this node stands for."""
-    extras, attributes = vq_weight.split_extras(named)
-    return vq_weight.weight_from_attributes(codes, codebook, attributes, transposed=False, **extras)
+# Conv's: X, the encoded weight, then the bias; the weight decoded as stored, never transposed.
+input_names = vq_conv.input_names
+decode = vq_conv.decode
 
 
 def function(variant: vq_weight.Variant, opset: int):
