@@ -76,7 +76,10 @@ class LayerInputs:
         cross: ``G = E[x_q x_o']``, same form; None when captured from the original model alone.
         inputs: sampled ``x_q`` (n, groups, cols) float32.
         reference_inputs: ``x_o`` at the same positions; None when equal to ``inputs``.
-        count: vectors the moments average over.
+        count: vectors the moments average over (for an embedding table: lookups counted).
+        row_weights: for an embedding table (whose lookups multiply nothing, so ``hessian`` is
+            None and ``inputs`` empty), each row's share of the lookups times the row count
+            (mean 1; :mod:`onnxvq.row_frequency`); None otherwise.
     """
 
     hessian: np.ndarray | None
@@ -84,6 +87,7 @@ class LayerInputs:
     inputs: np.ndarray
     reference_inputs: np.ndarray | None
     count: int
+    row_weights: np.ndarray | None = None
 
 
 def capturable(layer: Layer, model: ir.Model) -> str | None:

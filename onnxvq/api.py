@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from onnxvq import channel_scales, ops, quality_guard
 from onnxvq.activations import LayerInputs, capture_inputs
+from onnxvq.row_frequency import capture_row_weights
 from onnxvq.allocation import allocate
 from onnxvq.batchnorm_folding import fold_batch_norms
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
@@ -159,6 +160,10 @@ def compress(
             model, [l for g, _ in to_encode for l in g], train,
             max_rows=0, batch_size=tuning.batch_size, seed=config.seed, progress=progress,
         )
+        # Tables only looked up: how often each row is read (a lookup multiplies nothing). A table
+        # tied to a Gemm/MatMul keeps that layer's input moments, whose rows all count alike.
+        tables = [l for g, _ in to_encode if all(x.op_type == "Gather" for x in g) for l in g]
+        inputs.update(capture_row_weights(model, tables, train, batch_size=tuning.batch_size))
     jobs: dict[int, WeightJob] = {}
     with progress_bar(total=len(to_encode), desc="encoding", unit="weight", enabled=progress) as bar:
         for group, plan in to_encode:
@@ -172,7 +177,8 @@ def compress(
     if calib_set is not None:
         calibration, learned_rest = finetune_jobs(
             model, list(jobs.values()), train, held, tuning, seed=config.seed, progress=progress,
-            vectors_per_sample={name: data.count / len(train) for name, data in inputs.items()},
+            vectors_per_sample={name: data.count / len(train) for name, data in inputs.items()
+                                if data.row_weights is None},
         )
         calibration.update(samples=len(calib_set), held_back=len(held) if held else 0,
                            data_aware=tuning.data_aware)
@@ -294,7 +300,7 @@ def _reports(
         decoded = packed.decode(transposed=job.layout.transposed)
         sqnr = sqnr_db(weight, decoded)
         if inputs is not None:
-            output_sqnr = output_sqnr_db(weight, decoded, job.layout, inputs.hessian)
+            output_sqnr = output_sqnr_db(weight, decoded, job.layout, inputs.hessian, inputs.row_weights)
     reports = []
     for i, layer in enumerate(group):
         report = LayerReport(

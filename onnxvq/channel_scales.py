@@ -87,8 +87,9 @@ def encode(
         return _with_choice(scaled, "on")
 
     plain = _encode_unit_scaled(method, weight, matrix, **kwargs)
-    error_scaled = relative_channel_error(matrix, layout.to_matrix(decode(scaled)), hessian)
-    error_plain = relative_channel_error(matrix, layout.to_matrix(decode(plain)), hessian)
+    row_weights = inputs.row_weights if inputs is not None else None
+    error_scaled = relative_channel_error(matrix, layout.to_matrix(decode(scaled)), hessian, row_weights)
+    error_plain = relative_channel_error(matrix, layout.to_matrix(decode(plain)), hessian, row_weights)
     chosen, choice = (scaled, "on") if error_scaled < error_plain else (plain, "off")
     return _with_choice(
         chosen, choice, relative_error_scaled=round(error_scaled, 6), relative_error_plain=round(error_plain, 6)
@@ -108,14 +109,21 @@ def _encode_unit_scaled(method: Method, weight: np.ndarray, matrix: np.ndarray, 
     return dataclasses.replace(encoded, codebook=np.ldexp(encoded.codebook.astype(np.float32), exponent))
 
 
-def relative_channel_error(matrix: np.ndarray, approximation: np.ndarray, hessian: np.ndarray | None) -> float:
+def relative_channel_error(matrix: np.ndarray, approximation: np.ndarray, hessian: np.ndarray | None,
+                           row_weights: np.ndarray | None = None) -> float:
     """``mean_r |m_r - m^_r|_H^2 / |m_r|_H^2`` over the rows that are not zero (H = I without
-    data; a (cols,) H is its diagonal)."""
+    data; a (cols,) H is its diagonal), weighted by ``row_weights`` when given (an embedding
+    table's rows by how often they are read)."""
     m = matrix.astype(np.float64)
     e = m - approximation.astype(np.float64)
     signal, noise = _row_energy(m, hessian), _row_energy(e, hessian)
     live = signal > 0
-    return float(np.mean(noise[live] / signal[live])) if live.any() else 0.0
+    if not live.any():
+        return 0.0
+    weights = None if row_weights is None else np.asarray(row_weights, np.float64)[live]
+    if weights is not None and not weights.sum() > 0:
+        weights = None
+    return float(np.average(noise[live] / signal[live], weights=weights))
 
 
 def trainable(method: Method, encoded: Encoded, layout: WeightLayout, params: MethodParams) -> TrainableWeight:

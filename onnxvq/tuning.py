@@ -59,19 +59,25 @@ class WeightJob:
         return self.group[0].weight.name
 
 
-def output_sqnr_db(weight: np.ndarray, approximation: np.ndarray, layout: WeightLayout, hessian: np.ndarray) -> float:
-    """``10 log10(sum_r m_r' H m_r / sum_r e_r' H e_r)``, ``e = m - m^``: the layer's output SQNR
-    on the calibration inputs (H their second moment, or its diagonal)."""
+def output_sqnr_db(weight: np.ndarray, approximation: np.ndarray, layout: WeightLayout, hessian: np.ndarray | None,
+                   row_weights: np.ndarray | None = None) -> float:
+    """``10 log10(sum_r w_r m_r' H m_r / sum_r w_r e_r' H e_r)``, ``e = m - m^``: the layer's output
+    SQNR on the calibration inputs (H their second moment, or its diagonal; the identity when None,
+    for an embedding table, whose rows ``w`` weights by how often they are read; w = 1 when None)."""
     m = layout.to_matrix(weight).astype(np.float64)
     e = m - layout.to_matrix(approximation)
-    if hessian.ndim == 1:
-        signal, noise = float((m * m * hessian).sum()), float((e * e * hessian).sum())
+    if hessian is None:
+        signal_rows, noise_rows = (m * m).sum(axis=1), (e * e).sum(axis=1)
+    elif hessian.ndim == 1:
+        signal_rows, noise_rows = (m * m) @ hessian, (e * e) @ hessian
     else:
-        signal = noise = 0.0
+        signal_rows, noise_rows = np.empty(len(m)), np.empty(len(m))
         for start in range(0, len(m), 1024):
             mb, eb = m[start : start + 1024], e[start : start + 1024]
-            signal += float(((mb @ hessian) * mb).sum())
-            noise += float(((eb @ hessian) * eb).sum())
+            signal_rows[start : start + 1024] = ((mb @ hessian) * mb).sum(axis=1)
+            noise_rows[start : start + 1024] = ((eb @ hessian) * eb).sum(axis=1)
+    w = np.ones(len(m)) if row_weights is None else np.asarray(row_weights, np.float64)
+    signal, noise = float(signal_rows @ w), float(noise_rows @ w)
     if noise <= 0:
         return math.inf
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf

@@ -77,3 +77,50 @@ def test_rejects_bad_k():
         kmeans(x, 6)
     with pytest.raises(ValueError):
         kmeans(x, 0)
+
+
+def test_one_codeword_is_the_weighted_mean():
+    x = np.random.default_rng(6).standard_normal((500, 3)).astype(np.float32)
+    w = np.random.default_rng(7).uniform(0, 5, 500)
+    result = kmeans(x, 1, seed=0, weights=w)
+    np.testing.assert_allclose(result.codebook[0], np.average(x, axis=0, weights=w), rtol=1e-5, atol=1e-6)
+    assert result.inertia == pytest.approx(float(w @ ((x - result.codebook[0]) ** 2).sum(1)), rel=1e-5)
+
+
+def test_integer_weights_act_as_repeated_points():
+    """Weighted k-means of x with weights n reaches the objective of plain k-means of x with
+    each point repeated n times (the same optimum; seeding differs, so within a few percent)."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2000, 4)).astype(np.float32)
+    n = rng.integers(1, 6, 2000)
+    weighted = kmeans(x, 32, seed=0, weights=n)
+    repeated = kmeans(np.repeat(x, n, axis=0), 32, seed=0)
+    assert weighted.inertia == pytest.approx(repeated.inertia, rel=0.05)
+    unweighted = kmeans(x, 32, seed=0)
+    score = lambda r: float(n @ ((x - r.codebook[r.codes]) ** 2).sum(1))  # noqa: E731
+    assert score(weighted) < score(unweighted)
+
+
+def test_heavy_points_get_codewords_and_zero_weights_pull_nothing():
+    """Ten points carrying most of the weight are each nearly reproduced (the light points that
+    share their codewords pull them by about 1e-4 of their length); points of weight zero never
+    move a codeword, whatever their values."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((5000, 8)).astype(np.float32)
+    w = np.ones(5000)
+    w[:10] = 1e4
+    result = kmeans(x, 16, seed=0, weights=w)
+    heavy_error = ((x[:10] - result.codebook[result.codes[:10]]) ** 2).sum(1)
+    assert heavy_error.max() < 1e-2  # a point's squared length is about 8
+    plain = kmeans(x, 16, seed=0)
+    assert ((x[:10] - plain.codebook[plain.codes[:10]]) ** 2).sum(1).mean() > 1.0
+    x[4000:] = 1e6
+    w[4000:] = 0.0
+    ignored = kmeans(x, 16, seed=0, weights=w)
+    assert np.abs(ignored.codebook).max() < 100
+
+
+@pytest.mark.parametrize("weights", [np.zeros(10), -np.ones(10), np.full(10, np.nan), np.ones(9)])
+def test_rejects_bad_weights(weights):
+    with pytest.raises(ValueError):
+        kmeans(np.zeros((10, 2), np.float32), 2, weights=weights)

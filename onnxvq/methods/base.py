@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch stays unimported until fine-tuning
     from onnxvq.activations import LayerInputs
     from onnxvq.finetune.trainable import TrainableWeight
 
-__all__ = ["Encoded", "Method", "MethodParams"]
+__all__ = ["Encoded", "Method", "MethodParams", "point_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,9 @@ class Method(abc.ABC):
 
         With ``inputs`` (calibration statistics of what the weight multiplies, see
         :mod:`onnxvq.activations`), minimise the layer's output error on that data instead of
-        its weight error.
+        its weight error: under ``inputs.hessian`` when it is given, and with each row's
+        subvectors weighted by ``inputs.row_weights`` when those are (an embedding table, whose
+        rows are read at different rates: :func:`point_weights`).
         """
 
     @abc.abstractmethod
@@ -120,3 +122,11 @@ class Method(abc.ABC):
         small layer is worth it): codes plus a k x d codebook; methods with extras add theirs."""
         k = min(params.k, layout.rows * layout.n_sub)
         return packed_nbytes(layout.rows, layout.n_sub, code_bits_for_k(k)) + k * layout.d * codebook_itemsize
+
+
+def point_weights(inputs: LayerInputs | None, layout: WeightLayout) -> np.ndarray | None:
+    """The k-means weight of each of a layer's (rows * n_sub) subvectors, in row-major order: its
+    row's ``inputs.row_weights``, or None (all equal) without them."""
+    if inputs is None or inputs.row_weights is None:
+        return None
+    return np.repeat(np.asarray(inputs.row_weights, np.float64), layout.n_sub)

@@ -46,6 +46,12 @@ grid refined around its best point. With data the errors are whitened, so ``r`` 
 see different inputs), the estimate's ``r`` is then encoded next to ``r = m`` and the one with
 the lower *full* output error is kept (``stats["rank_estimate"]`` records an overruled estimate).
 
+**Row weights** (an embedding table's rows, weighted by how often calibration reads them; see
+:func:`onnxvq.methods.base.point_weights`): every sum over subvectors above carries the weight
+``w_i`` of its row: the principal directions are those of ``L' X' W X L``, k-means is weighted,
+step 3's least squares are weighted (``N`` holds the weight sums per codeword), and the rank
+estimate draws its samples with probability ``w_i``.
+
 ``r = m`` runs :class:`onnxvq.methods.pq.PQ` itself (same seed, same codes and codebook) and
 stores no projection (``P = I``), so ``lr2vq --rank m`` is exactly ``pq``, byte for byte in the
 tensors; fine-tuning still learns a ``P`` (starting at ``I``) and folds it into the codebook.
@@ -60,7 +66,7 @@ import numpy as np
 
 from onnxvq.kmeans import assign, kmeans
 from onnxvq.layout import WeightLayout
-from onnxvq.methods.base import Encoded, Method, MethodParams
+from onnxvq.methods.base import Encoded, Method, MethodParams, point_weights
 from onnxvq.methods.pq import PQ, PQParams
 from onnxvq.ops.codes import code_bits_for_k, packed_nbytes
 from onnxvq.weighted_kmeans import _diagonal_blocks, _ridge, output_error, refit_codebook
@@ -121,21 +127,23 @@ class LR2VQ(Method):
         subvectors = layout.to_subvectors(weight)
         points = subvectors.reshape(-1, params.d)
         k = min(params.k, len(points))
-        hessian = layout.pad_moment(inputs.hessian) if inputs is not None else None
+        hessian = layout.pad_moment(inputs.hessian) if inputs is not None and inputs.hessian is not None else None
+        weights = point_weights(inputs, layout)
         rank_seed = np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, 0x5A4B))
 
         metric = slot_metric(hessian, layout.n_sub, params.d)
         whitened = points.astype(np.float64) @ np.linalg.cholesky(metric)
-        spectrum, directions = _principal(whitened)
+        spectrum, directions = _principal(whitened, weights)
         stats: dict = {}
         if params.rank == "auto":
             rank, estimates = choose_rank(
                 whitened.astype(np.float32), spectrum, directions, k, seed=rank_seed, sample=params.rank_sample,
+                weights=weights,
             )
             stats["rank_estimates"] = {str(r): round(e, 6) for r, e in sorted(estimates.items())}
         else:
             rank = int(params.rank)
-        args = (weight, subvectors, layout, metric, directions, k, params, seed, inputs, hessian)
+        args = (weight, subvectors, layout, metric, directions, k, params, seed, inputs, hessian, weights)
         encoded = self._encode_at_rank(rank, *args)
         if hessian is not None and params.rank == "auto" and rank < params.d:
             # The metric G averages the subvector slots' input moments, so its rank estimate can
@@ -148,7 +156,7 @@ class LR2VQ(Method):
         return dataclasses.replace(encoded, stats={**encoded.stats, **stats})
 
     def _encode_at_rank(self, rank, weight, subvectors, layout, metric, directions, k, params, seed, inputs,
-                        hessian) -> Encoded:
+                        hessian, weights) -> Encoded:
         """Steps 1-4 of the module docstring at a given rank (``rank == d``: PQ with ``P = I``)."""
         if rank == params.d:
             pq = PQ().encode(
@@ -162,12 +170,12 @@ class LR2VQ(Method):
         padding = None
         if layout.tail < params.d:  # the last subvector of every row
             padding = (np.arange(layout.n_sub - 1, len(points), layout.n_sub), layout.tail)
-        factors = _encode_low_rank(points, metric, directions[:, :rank], k, params, cluster_seed, padding)
+        factors = _encode_low_rank(points, metric, directions[:, :rank], k, params, cluster_seed, padding, weights)
         stats = {}
         if hessian is not None:
             factors = _refit_full_output(subvectors, factors, metric, hessian)
-            plain = _encode_low_rank(points, np.eye(params.d), _principal(points.astype(np.float64))[1][:, :rank],
-                                     k, params, cluster_seed, padding)
+            plain = _encode_low_rank(points, np.eye(params.d), _principal(points.astype(np.float64), weights)[1][:, :rank],
+                                     k, params, cluster_seed, padding, weights)
             if _output_error(subvectors, plain, hessian) < _output_error(subvectors, factors, hessian):
                 factors = plain
                 stats["data_aware"] = "weight-space encoding kept (lower output error)"
@@ -212,6 +220,7 @@ def choose_rank(
     seed: np.random.SeedSequence,
     sample: int = 16384,
     max_iter: int = 15,
+    weights: np.ndarray | None = None,
 ) -> tuple[int, dict[int, float]]:
     """The clustering dimension with the smallest estimated error, and every estimate made.
 
@@ -220,13 +229,15 @@ def choose_rank(
     usually wins, that skips most of the search).
 
     ``whitened``: the subvectors in the error metric (N x m); ``spectrum``/``directions``: the
-    eigenvalues (descending) and eigenvectors of ``whitened' whitened``. An estimate is
-    ``(low-rank error + clustering error) / total energy``, see the module docstring.
+    eigenvalues (descending) and eigenvectors of ``whitened' W whitened``. An estimate is
+    ``(low-rank error + clustering error) / total energy``, see the module docstring. ``weights``
+    (one per subvector, or None): every error is weighted.
     """
     n, m = whitened.shape
     rng = np.random.default_rng(seed)
-    train = whitened if n <= max(sample, 32 * k) else whitened[np.sort(rng.choice(n, max(sample, 32 * k), replace=False))]
-    held = whitened if n <= 65536 else whitened[np.sort(rng.choice(n, 65536, replace=False))]
+    train, train_weights = _sample(whitened, weights, max(sample, 32 * k), rng)
+    held, held_weights = _sample(whitened, weights, 65536, rng)
+    total_weight = float(n if weights is None else weights.sum())
     k_train = min(k, len(train))
     total = max(float(spectrum.sum()), 1e-30)
     estimates: dict[int, float] = {}
@@ -234,9 +245,9 @@ def choose_rank(
     def estimate(r: int) -> float:
         if r not in estimates:
             basis = directions[:, :r].astype(np.float32)
-            result = kmeans(train @ basis, k_train, seed=seed, max_iter=max_iter)
+            result = kmeans(train @ basis, k_train, seed=seed, max_iter=max_iter, weights=train_weights)
             _, dist = assign(held @ basis, result.codebook)
-            clustering = float(dist.mean(dtype=np.float64)) * n
+            clustering = float(np.average(dist.astype(np.float64), weights=held_weights)) * total_weight
             estimates[r] = (float(spectrum[r:].sum()) + clustering) / total
         return estimates[r]
 
@@ -258,25 +269,38 @@ def choose_rank(
     return min(r for r, e in estimates.items() if e <= lowest * 1.001 + 1e-12), estimates
 
 
-def _principal(whitened: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) and eigenvectors of ``(X L)' (X L)`` for the whitened (float64)
-    subvectors ``X L``."""
-    values, vectors = np.linalg.eigh(whitened.T @ whitened)
+def _sample(points: np.ndarray, weights: np.ndarray | None, size: int, rng: np.random.Generator):
+    """(sample, its weights): all points with their weights when there are at most ``size``;
+    else ``size`` of them drawn uniformly without replacement, or with probability ``w_i`` with
+    replacement (then unweighted: the draw already stands for the weighted points)."""
+    n = len(points)
+    if n <= size:
+        return points, weights
+    if weights is None:
+        return points[np.sort(rng.choice(n, size, replace=False))], None
+    return points[np.sort(rng.choice(n, size, replace=True, p=weights / weights.sum()))], None
+
+
+def _principal(whitened: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors of ``(X L)' W (X L)`` for the whitened (float64)
+    subvectors ``X L`` (``W`` = diag(weights), the identity without)."""
+    weighted = whitened if weights is None else whitened * weights[:, None]
+    values, vectors = np.linalg.eigh(whitened.T @ weighted)
     order = np.argsort(values)[::-1]
     return np.maximum(values[order], 0.0), vectors[:, order]
 
 
-def _encode_low_rank(points, metric, basis, k, params, seed, padding):
+def _encode_low_rank(points, metric, basis, k, params, seed, padding, weights=None):
     """Steps 1-3 of the module docstring for a fixed rank: (codes, C, P, refine rounds)."""
     whitening = np.linalg.cholesky(metric)
     whitened = (points.astype(np.float64) @ whitening).astype(np.float32)
-    result = kmeans(whitened @ basis.astype(np.float32), k, seed=seed, max_iter=params.max_iter)
+    result = kmeans(whitened @ basis.astype(np.float32), k, seed=seed, max_iter=params.max_iter, weights=weights)
     projection = basis.T @ np.linalg.inv(whitening)  # x^ L = c V_r'
     return _alternate(points, whitening, metric, result.codes, result.codebook.astype(np.float64),
-                      projection, k, params.refine_iter, padding)
+                      projection, k, params.refine_iter, padding, weights)
 
 
-def _alternate(points, whitening, metric, codes, codebook, projection, k, rounds, padding):
+def _alternate(points, whitening, metric, codes, codebook, projection, k, rounds, padding, weights=None):
     """Alternating least squares on ``F`` (step 3); returns the best state seen.
 
     ``padding`` = (indices of the subvectors whose tail is padding, meaningful length) or None.
@@ -292,7 +316,8 @@ def _alternate(points, whitening, metric, codes, codebook, projection, k, rounds
         if padding is not None:
             diff[padding[0], padding[1] :] = 0.0
         diff = diff @ whitening
-        return float(np.einsum("nd,nd->", diff, diff))
+        squared = np.einsum("nd,nd->n", diff, diff)
+        return float(squared.sum() if weights is None else squared @ weights)
 
     best = (objective(codebook, projection, codes), codes, codebook, projection)
     iterations = 0
@@ -301,10 +326,10 @@ def _alternate(points, whitening, metric, codes, codebook, projection, k, rounds
             idx, tail = padding
             x[idx, tail:] = (codebook @ projection)[codes[idx], tail:]
         whitened = (x @ whitening).astype(np.float32)
-        counts = np.bincount(codes, minlength=k).astype(np.float64)
+        counts = np.bincount(codes, weights=weights, minlength=k).astype(np.float64)
         sums = np.zeros((k, x.shape[1]))
         for j in range(x.shape[1]):  # bincount per column: far faster than np.add.at
-            sums[:, j] = np.bincount(codes, weights=x[:, j], minlength=k)
+            sums[:, j] = np.bincount(codes, weights=x[:, j] if weights is None else x[:, j] * weights, minlength=k)
         # P for fixed codes and C: (C' N C) P = C' S, N = diag(counts), S = per-codeword sums.
         gram = codebook.T @ (counts[:, None] * codebook)
         ridge = 1e-12 * max(np.trace(gram), 1e-30) * np.eye(len(gram))

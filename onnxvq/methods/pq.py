@@ -27,7 +27,7 @@ from onnxvq.gptvq import refine
 from onnxvq.kmeans import KMeansResult, kmeans
 from onnxvq.weighted_kmeans import output_error, refit_codebook, weighted_kmeans
 from onnxvq.layout import WeightLayout
-from onnxvq.methods.base import Encoded, Method, MethodParams
+from onnxvq.methods.base import Encoded, Method, MethodParams, point_weights
 
 __all__ = ["PQ", "PQParams", "subvector_kmeans"]
 
@@ -60,16 +60,19 @@ class PQParams(MethodParams):
             raise ValueError(f"feedback must be true or false (got {self.feedback!r})")
 
 
-def subvector_kmeans(subvectors: np.ndarray, layout: WeightLayout, k: int, *, seed, max_iter: int) -> KMeansResult:
+def subvector_kmeans(subvectors: np.ndarray, layout: WeightLayout, k: int, *, seed, max_iter: int,
+                     weights: np.ndarray | None = None) -> KMeansResult:
     """k-means of a layer's (rows, n_sub, d) subvectors, k capped by their number, the padding of
-    each row's last subvector ignored (partial points of ``onnxvq.kmeans``)."""
+    each row's last subvector ignored (partial points of ``onnxvq.kmeans``); ``weights``: one per
+    subvector (:func:`onnxvq.methods.base.point_weights`) or None."""
     points = subvectors.reshape(-1, layout.d)
     partial = None
     if layout.tail < layout.d:
         partial = np.zeros((layout.rows, layout.n_sub), bool)
         partial[:, -1] = True
         partial = partial.reshape(-1)
-    return kmeans(points, min(k, len(points)), seed=seed, max_iter=max_iter, partial=partial, tail=layout.tail)
+    return kmeans(points, min(k, len(points)), seed=seed, max_iter=max_iter, partial=partial, tail=layout.tail,
+                  weights=weights)
 
 
 class PQ(Method):
@@ -79,10 +82,13 @@ class PQ(Method):
     def encode(self, weight, *, transposed, row_axes, params, seed, inputs=None) -> Encoded:
         layout = WeightLayout(tuple(weight.shape), transposed, row_axes, params.d)
         subvectors = layout.to_subvectors(weight)  # (rows, n_sub, d)
-        result = subvector_kmeans(subvectors, layout, params.k, seed=seed, max_iter=params.max_iter)
+        weights = point_weights(inputs, layout)
+        result = subvector_kmeans(subvectors, layout, params.k, seed=seed, max_iter=params.max_iter, weights=weights)
         codes, codebook = result.codes.reshape(layout.rows, layout.n_sub), result.codebook
         stats = {"kmeans_iterations": result.iterations}
-        if inputs is not None:
+        if weights is not None:
+            stats["row_weighted"] = True
+        if inputs is not None and inputs.hessian is not None:
             hessian = layout.pad_moment(inputs.hessian)
             weighted = weighted_kmeans(subvectors, hessian, codebook, max_iter=params.max_iter)
             weighted_codes = weighted.codes.reshape(layout.rows, layout.n_sub)

@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from onnxvq.layout import WeightLayout
-from onnxvq.methods.base import Encoded, Method, MethodParams
+from onnxvq.methods.base import Encoded, Method, MethodParams, point_weights
 from onnxvq.methods.pq import subvector_kmeans
 from onnxvq.ops.signs import pack_signs, packed_sign_bytes
 from onnxvq.weighted_kmeans import output_error, refit_codebook, weighted_kmeans
@@ -145,9 +145,9 @@ class SSVQ(Method):
         layout = WeightLayout(tuple(weight.shape), transposed, row_axes, params.d)
         magnitudes = layout.to_subvectors(np.abs(weight))  # (rows, n_sub, d)
         negative = layout.to_matrix(weight) < 0  # (rows, cols)
-        codes, codebook, iterations = _magnitude_kmeans(magnitudes, layout, params, seed)
+        codes, codebook, iterations = _magnitude_kmeans(magnitudes, layout, params, seed, point_weights(inputs, layout))
         stats = {"kmeans_iterations": iterations}
-        if inputs is not None:
+        if inputs is not None and inputs.hessian is not None:
             codes, codebook, stats["weighted_iterations"] = _data_aware(
                 magnitudes, weight, layout, inputs.hessian, codes, codebook, params.max_iter
             )
@@ -190,9 +190,9 @@ def signed_output_error(
     return output_error(magnitudes, codes, codebook, hessian, signs=signs)
 
 
-def _magnitude_kmeans(magnitudes, layout, params, seed):
+def _magnitude_kmeans(magnitudes, layout, params, seed, weights):
     """Weight-space k-means of the magnitude subvectors, exactly as PQ clusters its subvectors."""
-    result = subvector_kmeans(magnitudes, layout, params.k, seed=seed, max_iter=params.max_iter)
+    result = subvector_kmeans(magnitudes, layout, params.k, seed=seed, max_iter=params.max_iter, weights=weights)
     return result.codes.reshape(layout.rows, layout.n_sub), result.codebook, result.iterations
 
 
