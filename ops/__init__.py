@@ -22,6 +22,7 @@ import onnx
 import onnx.inliner
 
 from onnxvq.ops import vq_conv, vq_conv_transpose, vq_gather, vq_gemm, vq_matmul, vq_recurrent, vq_weight
+from onnxvq.ops.native_library import native_library_path, session_options
 from onnxvq.ops.vq_weight import DOMAIN, MIN_OPSET, VERSION, Variant
 
 __all__ = [
@@ -31,10 +32,12 @@ __all__ = [
     "Variant",
     "inline_bodies",
     "input_names",
+    "native_library_path",
     "op_for_consumer",
     "op_module",
     "reference_ops",
     "RECURRENT",
+    "session_options",
 ]
 
 # An op module, or an object with its interface (the three recurrent forms share one module).
