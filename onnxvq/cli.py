@@ -1,4 +1,5 @@
-"""The ``onnxvq`` command line: ``compress``, ``decompress``, ``inspect``, ``report``.
+"""The ``onnxvq`` command line: ``compress``, ``decompress``, ``inspect``, ``report``, ``run``,
+``native build``.
 
 Every user-fixable problem prints ``error: <one line>`` on stderr and exits with status 1, with
 no traceback and no output file left behind. Set ``ONNXVQ_DEBUG=1`` to get tracebacks.
@@ -303,6 +304,65 @@ def report(model, baseline, accelerator, overrides, inputs, json_path, plot_path
         title = f"Off-chip bytes per layer: {os.path.basename(model)} on {profile.name}"
         plot_traffic({VARIANT_LABELS[k]: t for k, t in variants.items()}, plot_path, title=title)
         click.echo(f"wrote {_paths([plot_path])}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--native/--no-native", default=None, help="Require the native kernel library, or run the function bodies. [default: the library when built]")
+@click.option("--inputs", type=click.Path(), default=None, help="Inputs: an .npz keyed by input name. [default: generated from the input specs]")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Batch size (first dimension) of generated inputs, or rows taken from --inputs. [default: 1; all rows of --inputs]")
+@click.option("--repeat", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs, after one warm-up run.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads. [default: one per core]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs.")
+@_user_errors
+def run(model, native, inputs, batch, repeat, threads, seed):
+    """Run MODEL in onnxruntime: output shapes, checksums and the median latency.
+
+    A compressed model runs with the native kernel library when it is built (onnxvq native
+    build), else through its ops' function bodies. Without --inputs, inputs are generated from
+    the model's input specs: floats standard normal, integers 0, a dynamic first dimension set to
+    --batch, other dynamic dimensions 64.
+    """
+    from onnxvq import ops
+    from onnxvq.model_io import load_model
+    from onnxvq.model_run import input_feed, open_session, output_lines, timed_runs
+
+    ir_model = load_model(model)
+    feed = input_feed(ir_model, inputs, batch=batch, seed=seed, where=os.fspath(model))
+    session, library = open_session(model, native=native, threads=threads)
+    outputs, timing = timed_runs(session, feed.arrays, repeat)
+    vq_nodes = sum(1 for n in ir_model.graph.all_nodes() if n.domain == ops.DOMAIN)
+    if vq_nodes:
+        kernels = (f"native library {library} (function bodies for any op it has no kernel for)" if library
+                   else "function bodies (standard ops)")
+        click.echo(f"{vq_nodes} ai.onnxvq node(s), run by: {kernels}")
+    click.echo(f"inputs {feed.source}:")
+    click.echo("\n".join(feed.lines()))
+    click.echo("outputs:")
+    click.echo("\n".join(output_lines([o.name for o in session.get_outputs()], outputs)))
+    threads_text = threads if threads is not None else "onnxruntime default"
+    click.echo(f"latency: median {timing.median * 1e3:.3f} ms over {repeat} run(s) after 1 warm-up "
+               f"(min {timing.minimum * 1e3:.3f} ms; threads: {threads_text})")
+
+
+@main.group()
+def native() -> None:
+    """The native kernel library of the ai.onnxvq ops (optional: models run without it)."""
+
+
+@native.command("build")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder to put libonnxvq_ops.so in. [default: inside the installed onnxvq.ops package, where sessions find it]")
+@click.option("--ort-include", type=click.Path(), default=None, help="Folder of onnxruntime's C/C++ headers. [default: $ORT_INCLUDE_DIR, else downloaded once into the cache]")
+@_user_errors
+def native_build(out_dir, ort_include):
+    """Compile the native kernels (CMake, Ninja, a C++17 compiler) and print the library's path."""
+    from onnxvq.ops.native_build import build, default_library_path
+    from onnxvq.ops.native_library import ENV_LIBRARY
+
+    path = build(out_dir, ort_include=ort_include, echo=lambda line: click.echo(line, err=True))
+    click.echo(str(path))
+    if path.resolve() != default_library_path().resolve():
+        click.echo(f"sessions load it with {ENV_LIBRARY}={path}", err=True)
 
 
 def _parse_assignment(text: str) -> tuple[str, str]:
