@@ -70,6 +70,7 @@ class PackedWeight:
             "weight_dtype": int(self.weight_dtype),
             "code_bits": int(self.code_bits),
             "method": self.method,
+            "extra_inputs": ",".join(e for e in vq_weight.EXTRA_INPUTS if e in self.extras),
         }
 
     def decode(self, *, transposed: bool) -> np.ndarray:

@@ -29,7 +29,12 @@ Attributes every VQ op carries:
 * ``weight_shape`` (tensor, int64 1-D): the dense weight's shape as the original consumer read it;
 * ``weight_dtype`` (int): ONNX element type of the dense weight (``TensorProto.FLOAT``, ...);
 * ``code_bits`` (int): 4, 8 or 16, how codes are packed (``onnxvq.ops.codes``);
-* ``method`` (string): the method that produced the encoding (``"pq"``, ...), informational.
+* ``method`` (string): the method that produced the encoding (``"pq"``, ...), informational;
+* ``extra_inputs`` (string): which of :data:`EXTRA_INPUTS` follow ``codebook``, comma-separated in
+  that order (``""``: none). The function overload says the same, but a kernel of the native
+  library sees only attributes and inputs, and a present extra cannot always be told apart from
+  the consumer's optional inputs (``scales`` and a Conv bias are both one float per output).
+  Nodes written before it existed lack it; bodies never read it.
 
 Structure that differs between nodes (code packing, extra inputs, padding, transposition, operand
 side) is selected by the node's function *overload*, a pure function of the attributes, the tensor
@@ -82,7 +87,7 @@ __all__ = [
 
 DOMAIN = "ai.onnxvq"
 VERSION = 1
-VQ_ATTRIBUTES = ("weight_shape", "weight_dtype", "code_bits", "method")
+VQ_ATTRIBUTES = ("weight_shape", "weight_dtype", "code_bits", "method", "extra_inputs")
 MIN_OPSET = 11
 # Optional encoded inputs, in their node order, with their overload tokens.
 EXTRA_INPUTS = ("projection", "signs", "scales")

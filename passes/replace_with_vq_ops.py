@@ -98,4 +98,5 @@ def _vq_attributes(packed: PackedWeight) -> list[ir.Attr]:
         ir.AttrInt64("weight_dtype", values["weight_dtype"]),
         ir.AttrInt64("code_bits", values["code_bits"]),
         ir.AttrString("method", values["method"]),
+        ir.AttrString("extra_inputs", values["extra_inputs"]),
     ]

@@ -37,7 +37,7 @@ def build(case, k, d, opset, extras=(), *, seed=0, codebook_dtype=np.float16):
     node = helper.make_node(
         "VQGather", ["indices", "codes", "codebook", *stored], ["Y"], domain=ops.DOMAIN,
         weight_shape=numpy_helper.from_array(np.array(shape, np.int64)), weight_dtype=TensorProto.FLOAT,
-        code_bits=bits, method="pq", **attrs,
+        code_bits=bits, method="pq", extra_inputs=",".join(stored), **attrs,
     )
     node.overload = variant.overload
     i_info = [helper.make_tensor_value_info("indices", TensorProto.INT64, list(index_shape))]

@@ -53,7 +53,7 @@ def build(mod, case, k, d, opset, *, seed=0, codebook_dtype=np.float16, extras=(
     node = helper.make_node(
         mod.OP_TYPE, inputs, ["Y"], domain=ops.DOMAIN,
         weight_shape=numpy_helper.from_array(np.array(wshape, np.int64)),
-        weight_dtype=TensorProto.FLOAT, code_bits=bits, method="pq", **attrs,
+        weight_dtype=TensorProto.FLOAT, code_bits=bits, method="pq", extra_inputs=",".join(stored_extras), **attrs,
     )
     node.overload = variant.overload
     x_info = [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(xshape))]

@@ -72,7 +72,7 @@ def build(case, k, d, *, seed=0, scales=False, extras=None, codebook_dtype=np.fl
         op.OP_TYPE, ["X", "codes", "codebook", *stored_extras, *optional],
         list(outputs) + [""] * (len(op.outputs) - len(outputs)), domain=ops.DOMAIN,
         weight_shape=numpy_helper.from_array(np.array(shape, np.int64)), weight_dtype=TensorProto.FLOAT,
-        code_bits=bits, method="pq", hidden_size=hidden, **attrs,
+        code_bits=bits, method="pq", extra_inputs=",".join(stored_extras), hidden_size=hidden, **attrs,
     )
     node.overload = variant.overload
     vq = helper.make_model(

@@ -1,0 +1,227 @@
+#include "encoded_weight.h"
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+
+namespace onnxvq {
+namespace {
+
+// A float16/float32 (or bfloat16) tensor's values as float32.
+std::vector<float> ToFloats(const Ort::ConstValue& value) {
+  auto info = value.GetTensorTypeAndShapeInfo();
+  size_t n = info.GetElementCount();
+  std::vector<float> out(n);
+  switch (info.GetElementType()) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      std::memcpy(out.data(), value.GetTensorData<float>(), n * sizeof(float));
+      break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: {
+      const Ort::Float16_t* p = value.GetTensorData<Ort::Float16_t>();
+      for (size_t i = 0; i < n; ++i) out[i] = p[i].ToFloat();
+      break;
+    }
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: {
+      const Ort::BFloat16_t* p = value.GetTensorData<Ort::BFloat16_t>();
+      for (size_t i = 0; i < n; ++i) out[i] = p[i].ToFloat();
+      break;
+    }
+    default:
+      Fail("onnxvq: a codebook, projection or scales tensor must be float32, float16 or bfloat16");
+  }
+  return out;
+}
+
+std::vector<std::string> SplitCommas(const std::string& text) {
+  std::vector<std::string> parts;
+  std::stringstream stream(text);
+  std::string part;
+  while (std::getline(stream, part, ',')) {
+    if (!part.empty()) parts.push_back(part);
+  }
+  return parts;
+}
+
+}  // namespace
+
+EncodedWeight::EncodedWeight(const Ort::ConstKernelInfo& info, size_t first) : first_(first) {
+  const std::string missing = "\x01";
+  std::string extras = StringAttr(info, "extra_inputs", missing);
+  if (extras == missing) {
+    Fail("onnxvq: node '" + info.GetNodeName() +
+         "' has no 'extra_inputs' attribute (written by an older onnxvq): compress the model again, "
+         "or run it without the native library");
+  }
+  int at = static_cast<int>(first + 2);
+  for (const std::string& name : SplitCommas(extras)) {
+    if (name == "projection") {
+      projection_at_ = at++;
+    } else if (name == "signs") {
+      signs_at_ = at++;
+    } else if (name == "scales") {
+      scales_at_ = at++;
+    } else {
+      Fail("onnxvq: node '" + info.GetNodeName() + "' names an unknown extra input '" + name + "'");
+    }
+  }
+  n_extras_ = static_cast<size_t>(at) - first - 2;
+  code_bits_ = IntAttr(info, "code_bits", 8);
+  if (code_bits_ != 4 && code_bits_ != 8 && code_bits_ != 16) Fail("onnxvq: code_bits must be 4, 8 or 16");
+  Ort::AllocatorWithDefaultOptions allocator;
+  Ort::Value shape = info.GetTensorAttribute("weight_shape", allocator);
+  auto shape_info = shape.GetTensorTypeAndShapeInfo();
+  const int64_t* dims = shape.GetTensorData<int64_t>();
+  weight_shape_.assign(dims, dims + shape_info.GetElementCount());
+  int64_t weight_dtype = IntAttr(info, "weight_dtype", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  if (weight_dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    Fail("onnxvq: the native kernels run float32 weights only; node '" + info.GetNodeName() +
+         "' has another weight_dtype: run it without the native library");
+  }
+
+  // Constant tensors (initializers) are read once, here; otherwise every call binds its inputs.
+  int is_constant = 0;
+  std::vector<Ort::ConstValue> values;
+  std::vector<int> indices = {static_cast<int>(first), static_cast<int>(first + 1)};
+  for (int i : {projection_at_, signs_at_, scales_at_}) {
+    if (i >= 0) indices.push_back(i);
+  }
+  constant_ = true;
+  for (int i : indices) {
+    Ort::ConstValue value = info.GetTensorConstantInput(static_cast<size_t>(i), &is_constant);
+    if (!is_constant) {
+      constant_ = false;
+      break;
+    }
+    values.push_back(value);
+  }
+  if (constant_) {
+    auto named = [&](int index) -> const Ort::ConstValue* {
+      if (index < 0) return nullptr;
+      return &values[std::find(indices.begin(), indices.end(), index) - indices.begin()];
+    };
+    Prepare(values[0], values[1], named(projection_at_), named(signs_at_), named(scales_at_));
+  }
+}
+
+void EncodedWeight::Bind(const Ort::KernelContext& context) {
+  if (constant_) return;
+  Ort::ConstValue codes = context.GetInput(first_);
+  Ort::ConstValue codebook = context.GetInput(first_ + 1);
+  Ort::ConstValue projection{nullptr}, signs{nullptr}, scales{nullptr};
+  if (projection_at_ >= 0) projection = context.GetInput(static_cast<size_t>(projection_at_));
+  if (signs_at_ >= 0) signs = context.GetInput(static_cast<size_t>(signs_at_));
+  if (scales_at_ >= 0) scales = context.GetInput(static_cast<size_t>(scales_at_));
+  Prepare(codes, codebook, projection_at_ >= 0 ? &projection : nullptr, signs_at_ >= 0 ? &signs : nullptr,
+          scales_at_ >= 0 ? &scales : nullptr);
+}
+
+void EncodedWeight::Prepare(const Ort::ConstValue& codes, const Ort::ConstValue& codebook,
+                            const Ort::ConstValue* projection, const Ort::ConstValue* signs,
+                            const Ort::ConstValue* scales) {
+  auto codes_info = codes.GetTensorTypeAndShapeInfo();
+  std::vector<int64_t> codes_shape = codes_info.GetShape();
+  if (codes_shape.size() != 2) Fail("onnxvq: codes must be 2-D (rows, packed codes)");
+  rows_ = codes_shape[0];
+  codes_cols_ = codes_shape[1];
+  int64_t numel = Numel(weight_shape_);
+  if (rows_ <= 0 || numel % rows_ != 0) Fail("onnxvq: the codes' rows do not divide the weight's size");
+  cols_ = numel / rows_;
+  auto code_type = codes_info.GetElementType();
+  if (code_bits_ == 16) {
+    if (code_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16) Fail("onnxvq: 16-bit codes must be uint16");
+    codes16_ = codes.GetTensorData<uint16_t>();
+  } else {
+    if (code_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) Fail("onnxvq: 4- and 8-bit codes must be uint8");
+    codes8_ = codes.GetTensorData<uint8_t>();
+  }
+  std::vector<int64_t> codebook_shape = codebook.GetTensorTypeAndShapeInfo().GetShape();
+  if (codebook_shape.size() != 2) Fail("onnxvq: the codebook must be 2-D");
+  k_ = codebook_shape[0];
+  codewords_ = ToFloats(codebook);
+  d_ = codebook_shape[1];
+  if (projection != nullptr) {
+    // The decoded codewords C @ P, once per binding (k x rank x d multiply-adds).
+    std::vector<int64_t> p_shape = projection->GetTensorTypeAndShapeInfo().GetShape();
+    if (p_shape.size() != 2 || p_shape[0] != d_) Fail("onnxvq: the projection must be (rank, d)");
+    std::vector<float> p = ToFloats(*projection);
+    int64_t rank = d_;
+    d_ = p_shape[1];
+    std::vector<float> decoded(static_cast<size_t>(k_ * d_), 0.0f);
+    for (int64_t c = 0; c < k_; ++c) {
+      for (int64_t t = 0; t < rank; ++t) {
+        float a = codewords_[c * rank + t];
+        for (int64_t u = 0; u < d_; ++u) decoded[c * d_ + u] += a * p[t * d_ + u];
+      }
+    }
+    codewords_.swap(decoded);
+  }
+  n_sub_ = (cols_ + d_ - 1) / d_;
+  int64_t per_row = code_bits_ == 4 ? codes_cols_ * 2 : codes_cols_;
+  if (per_row < n_sub_) Fail("onnxvq: the codes hold fewer subvectors than the weight's rows need");
+  // Every code is checked once here, so that the kernels can index the codebook unchecked.
+  uint32_t largest = 0;
+  for (int64_t r = 0; r < rows_; ++r) {
+    for (int64_t j = 0; j < n_sub_; ++j) largest = std::max(largest, Code(r, j));
+  }
+  if (rows_ > 0 && largest >= static_cast<uint32_t>(k_)) Fail("onnxvq: a code is out of the codebook's range");
+  if (signs != nullptr) {
+    sign_bytes_ = (cols_ + 7) / 8;
+    std::vector<int64_t> s_shape = signs->GetTensorTypeAndShapeInfo().GetShape();
+    if (s_shape.size() != 2 || s_shape[0] != rows_ || s_shape[1] != sign_bytes_) {
+      Fail("onnxvq: signs must be (rows, ceil(cols / 8)) uint8");
+    }
+    signs_ = signs->GetTensorData<uint8_t>();
+  } else {
+    signs_ = nullptr;
+  }
+  if (scales != nullptr) {
+    scales_ = ToFloats(*scales);
+    if (static_cast<int64_t>(scales_.size()) != rows_) Fail("onnxvq: scales must hold one value per row");
+  } else {
+    scales_.clear();
+  }
+}
+
+void EncodedWeight::DecodeRows(int64_t r0, int64_t r1, float* out) const {
+  const float* cw = codewords_.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = out + (r - r0) * cols_;
+    for (int64_t j = 0; j < n_sub_; ++j) {
+      int64_t start = j * d_;
+      int64_t len = std::min(d_, cols_ - start);
+      uint32_t code = Code(r, j);
+      std::memcpy(row + start, cw + code * d_, static_cast<size_t>(len) * sizeof(float));
+    }
+    if (signs_ != nullptr) {
+      const uint8_t* bits = signs_ + r * sign_bytes_;
+      for (int64_t c = 0; c < cols_; ++c) {
+        if ((bits[c >> 3] >> (c & 7)) & 1) row[c] = -row[c];
+      }
+    }
+    if (!scales_.empty()) {
+      float s = scales_[r];
+      for (int64_t c = 0; c < cols_; ++c) row[c] *= s;
+    }
+  }
+}
+
+void EncodedWeight::DecodeWeight(bool transposed, float* out) const {
+  if (!transposed) {
+    DecodeRows(0, rows_, out);
+    return;
+  }
+  // M holds, per batch entry, the (N x K) transpose of that entry's (K x N) weight.
+  size_t rank = weight_shape_.size();
+  int64_t k = weight_shape_[rank - 2], n = weight_shape_[rank - 1];
+  int64_t batch = Numel(weight_shape_) / (k * n);
+  Scratch block(static_cast<size_t>(n * k));
+  for (int64_t b = 0; b < batch; ++b) {
+    DecodeRows(b * n, (b + 1) * n, block.data());
+    float* w = out + b * k * n;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < k; ++j) w[j * n + i] = block.data()[i * k + j];
+    }
+  }
+}
+
+}  // namespace onnxvq

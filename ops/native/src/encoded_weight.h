@@ -1,0 +1,74 @@
+// The VQ-encoded weight every ai.onnxvq op reads (the C++ twin of onnxvq.ops.vq_weight's
+// decode_weight, which is the definition):
+//
+//   S[r, j, :] = C'[Q[r, j], :]        C' = C (k x d), or C @ projection (k x rank -> k x d)
+//   M[r, :]    = S.reshape(rows, n_sub * d)[r, :cols] * signs[r, :] * scales[r]
+//
+// Q are the packed codes (4 bits: byte j holds codes 2j (low nibble) and 2j+1; 8 and 16 bits:
+// one uint8/uint16 each), signs are packed 8 per byte, least significant bit first (set = -1).
+// Which of projection/signs/scales follow the codebook is the node's `extra_inputs` attribute.
+#pragma once
+
+#include "common.h"
+
+namespace onnxvq {
+
+class EncodedWeight {
+ public:
+  // `first` is the index of the codes input; the codebook and the extras follow it.
+  EncodedWeight(const Ort::ConstKernelInfo& info, size_t first);
+
+  // Index of the first input after the encoded ones (the consumer's optional inputs).
+  size_t next_input() const { return first_ + 2 + n_extras_; }
+  // Refreshes the tensors from the call's inputs when they were not constants at creation.
+  void Bind(const Ort::KernelContext& context);
+
+  int64_t rows() const { return rows_; }
+  int64_t cols() const { return cols_; }
+  int64_t n_sub() const { return n_sub_; }
+  int64_t d() const { return d_; }
+  int64_t k() const { return k_; }
+  const std::vector<int64_t>& weight_shape() const { return weight_shape_; }
+  bool has_signs() const { return signs_ != nullptr; }
+  const float* codewords() const { return codewords_.data(); }  // k x d
+  const float* scales() const { return scales_.empty() ? nullptr : scales_.data(); }
+
+  // Code of subvector j of row r.
+  inline uint32_t Code(int64_t r, int64_t j) const {
+    switch (code_bits_) {
+      case 4: {
+        uint8_t byte = codes8_[r * codes_cols_ + (j >> 1)];
+        return (j & 1) ? (byte >> 4) : (byte & 0x0F);
+      }
+      case 8:
+        return codes8_[r * codes_cols_ + j];
+      default:
+        return codes16_[r * codes_cols_ + j];
+    }
+  }
+
+  // Rows [r0, r1) of M, row-major with `cols` floats per row.
+  void DecodeRows(int64_t r0, int64_t r1, float* out) const;
+  // The dense weight in its own shape (M, or per batch entry M transposed back when the layout
+  // is transposed: `transposed` as in onnxvq.layout).
+  void DecodeWeight(bool transposed, float* out) const;
+
+ private:
+  void Prepare(const Ort::ConstValue& codes, const Ort::ConstValue& codebook, const Ort::ConstValue* projection,
+               const Ort::ConstValue* signs, const Ort::ConstValue* scales);
+
+  size_t first_;
+  size_t n_extras_ = 0;
+  int projection_at_ = -1, signs_at_ = -1, scales_at_ = -1;  // input indices, -1 when absent
+  bool constant_ = false;
+  int64_t code_bits_ = 8;
+  std::vector<int64_t> weight_shape_;
+  int64_t rows_ = 0, cols_ = 0, n_sub_ = 0, d_ = 0, k_ = 0, codes_cols_ = 0, sign_bytes_ = 0;
+  const uint8_t* codes8_ = nullptr;
+  const uint16_t* codes16_ = nullptr;
+  const uint8_t* signs_ = nullptr;
+  std::vector<float> codewords_;
+  std::vector<float> scales_;
+};
+
+}  // namespace onnxvq
