@@ -1,0 +1,161 @@
+"""The native kernel library against the function bodies: every ai.onnxvq op form, the same
+conformance cases and fuzzed shapes as the body tests, and compressed models.
+
+Library output = body output in onnxruntime (1e-4 relative, float32): the bodies are the
+definition the library must match. Both lookup-table and decoded-tile paths of VQGemm/VQMatMul
+are covered (small k against the outputs, and sign-split or large k), as are batches over the
+32 rows of one table pass and weights over one decoded tile.
+
+Skipped when the library is not built (``onnxvq native build``), unless
+``ONNXVQ_REQUIRE_NATIVE=1`` (CI), where a missing library fails them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxvq
+import test_gather
+import test_recurrent_ops
+from models import make_model, rng
+from onnxvq import ops
+from test_ops import build
+from test_ops_fuzz import CASES as FUZZ_CASES
+from test_ops_fuzz import FUZZ, codings
+
+LIBRARY = ops.native_library_path()
+if LIBRARY is None and os.environ.get("ONNXVQ_REQUIRE_NATIVE") != "1":
+    pytest.skip("the native library is not built (onnxvq native build)", allow_module_level=True)
+
+CODINGS = [(16, 4), (5, 3), (256, 5), (300, 4)]
+EXTRAS = [(), ("scales",), ("signs",), ("projection",), ("projection", "signs", "scales")]
+
+
+def run(model: onnx.ModelProto, feeds: dict, *, native: bool) -> list[np.ndarray]:
+    options = ops.session_options(native=native)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def assert_library_matches_bodies(model: onnx.ModelProto, feeds: dict) -> None:
+    bodies, native = run(model, feeds, native=False), run(model, feeds, native=True)
+    assert len(bodies) == len(native)
+    for want, got in zip(bodies, native):
+        assert got.shape == want.shape
+        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_the_library_registers_kernels_that_replace_the_bodies():
+    """A model whose bodies were removed runs only with the library: its kernels, not the
+    bodies, compute the ops."""
+    vq, *_ = build(ops.vq_gemm, ops.vq_gemm.CASES[0], 16, 4, 17, extras=("scales",))
+    del vq.functions[:]
+    x = {"X": rng(0).standard_normal(ops.vq_gemm.CASES[0][2]).astype(np.float32)}
+    with pytest.raises(Exception):
+        run(vq, x, native=False)
+    assert run(vq, x, native=True)[0].shape == (5, 24)
+
+
+@pytest.mark.parametrize("extras", EXTRAS, ids=lambda e: "+".join(e) or "plain")
+@pytest.mark.parametrize("k, d", CODINGS, ids=str)
+@pytest.mark.parametrize(
+    "mod, case",
+    [(m, c) for m in (ops.vq_gemm, ops.vq_matmul, ops.vq_conv, ops.vq_conv_transpose) for c in m.CASES],
+    ids=[c[0] for m in (ops.vq_gemm, ops.vq_matmul, ops.vq_conv, ops.vq_conv_transpose) for c in m.CASES],
+)
+@pytest.mark.parametrize("codebook_dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
+def test_conformance_cases(mod, case, k, d, extras, codebook_dtype):
+    vq, *_ = build(mod, case, k, d, 17, extras=extras, codebook_dtype=codebook_dtype)
+    x = {"X": rng(1).standard_normal(case[2]).astype(np.float32)}
+    assert_library_matches_bodies(vq, x)
+
+
+@pytest.mark.parametrize("extras", test_gather.EXTRAS, ids=lambda e: "+".join(e) or "plain")
+@pytest.mark.parametrize("k, d, opset", test_gather.CODINGS, ids=str)
+@pytest.mark.parametrize("case", ops.vq_gather.CASES, ids=[c[0] for c in ops.vq_gather.CASES])
+def test_gather_cases(case, k, d, opset, extras):
+    vq, _, indices, _ = test_gather.build(case, k, d, opset, extras)
+    assert_library_matches_bodies(vq, {"indices": indices})
+
+
+RECURRENT = [c for c in test_recurrent_ops.CASES if not c[6].get("layout", 0)]  # onnxruntime runs no layout=1
+
+
+@pytest.mark.parametrize("k, d, extras", [(16, 4, ()), (256, 3, ("scales",)), (300, 5, ("projection", "signs", "scales"))],
+                         ids=["4bit", "8bit-scales", "16bit-all-extras"])
+@pytest.mark.parametrize("case", RECURRENT, ids=[c[0] for c in RECURRENT])
+def test_recurrent_cases(case, k, d, extras):
+    vq, _, feeds, _ = test_recurrent_ops.build(case, k, d, extras=extras)
+    assert_library_matches_bodies(vq, feeds)
+
+
+@FUZZ
+@given(
+    op=st.sampled_from(sorted(FUZZ_CASES, key=lambda m: m.OP_TYPE)).flatmap(lambda m: st.tuples(st.just(m), FUZZ_CASES[m])),
+    coding=codings(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzzed_shapes_and_attributes(op, coding, seed):
+    """The body tests' generator: Conv 1-3-D with groups, pads/auto_pad, strides, dilations;
+    ConvTranspose with output_padding; Gemm with every transpose and bias broadcast; MatMul with
+    batched weights on either side; 4/8/16-bit codes, every extra, fp16/fp32 codebooks."""
+    mod, case = op
+    k, d, opset, extras, dtype = coding
+    vq, *_ = build(mod, case, k, d, opset, seed=seed, codebook_dtype=dtype, extras=extras)
+    x = {"X": rng(seed).standard_normal(case[2]).astype(np.float32)}
+    assert_library_matches_bodies(vq, x)
+
+
+def _gemm_model(rows: int, cols: int, batch: int) -> onnx.ModelProto:
+    weight = (0.1 * rng(2).standard_normal((rows, cols))).astype(np.float32)
+    return make_model(
+        [helper.make_node("Gemm", ["X", "W", "b"], ["Y"], transB=1, alpha=0.5, beta=2.0)],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [batch, cols])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [batch, rows])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.arange(rows, dtype=np.float32), "b")],
+    )
+
+
+@pytest.mark.parametrize("method, options", [("pq", {"k": 256, "d": 8}), ("ssvq", {"k": 64, "d": 4}),
+                                             ("lr2vq", {"k": 256, "d": 8, "rank": 4})])
+@pytest.mark.parametrize("batch", [1, 70], ids=["batch1", "batch70"])
+def test_compressed_layers_over_several_table_passes_and_tiles(method, options, batch):
+    """A 512 x 4096 Gemm: 70 rows are three passes of the lookup-table path; sign-split weights
+    take the tiled path, whose 256-row tiles (1 Mi floats / 4096) cover the outputs twice."""
+    model = _gemm_model(512, 4096, batch)
+    compressed = onnxvq.compress(model, method=method, scales="on", **options).to_proto()
+    assert compressed.graph.node[0].op_type == "VQGemm"
+    x = {"X": rng(3).standard_normal((batch, 4096)).astype(np.float32)}
+    assert_library_matches_bodies(compressed, x)
+
+
+def test_the_text_encoder_sample_runs_with_the_library():
+    """One block of samples/text_encoder.py: the token table (VQGather), attention and MLP
+    MatMuls with batched activations (VQMatMul) and the Gemm head."""
+    from text_encoder import build_text_encoder
+
+    compressed = onnxvq.compress(build_text_encoder(depth=1), k=256, d=8).to_proto()
+    assert {"VQGather", "VQMatMul", "VQGemm"} <= {n.op_type for n in compressed.graph.node}
+    feeds = {"input_ids": rng(4).integers(0, 30000, (2, 16)).astype(np.int64)}
+    assert_library_matches_bodies(compressed, feeds)
+
+
+def test_a_node_without_extra_inputs_is_refused_with_a_clear_error():
+    """Models written before ``extra_inputs`` existed cannot tell a scale from a bias: the
+    library refuses them at session creation, naming the node and what to do."""
+    vq, *_ = build(ops.vq_conv, ops.vq_conv.CASES[0], 16, 4, 17, extras=("scales",))
+    node = vq.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "extra_inputs"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    with pytest.raises(Exception, match="extra_inputs"):
+        run(vq, {"X": np.zeros(ops.vq_conv.CASES[0][2], np.float32)}, native=True)
