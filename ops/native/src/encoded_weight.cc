@@ -182,24 +182,68 @@ void EncodedWeight::Prepare(const Ort::ConstValue& codes, const Ort::ConstValue&
   }
 }
 
+namespace {
+
+// SIGN_TABLE of onnxvq.ops.signs: values[b][t] = -1 when bit t of b is set, else +1.
+struct SignTable {
+  float values[256][8];
+  SignTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int t = 0; t < 8; ++t) values[b][t] = ((b >> t) & 1) ? -1.0f : 1.0f;
+  }
+};
+
+// Row r of M without signs and scales: the codewords of its codes, the last one's tail only.
+template <int Bits>
+void GatherCodewords(const EncodedWeight& w, int64_t r, float* row) {
+  const int64_t d = w.d(), cols = w.cols(), n_sub = w.n_sub();
+  const float* cw = w.codewords();
+  const uint8_t* q8 = Bits == 16 ? nullptr : w.codes8_row(r);
+  const uint16_t* q16 = Bits == 16 ? w.codes16_row(r) : nullptr;
+  auto code = [&](int64_t j) -> uint32_t {
+    if (Bits == 4) return (j & 1) ? (q8[j >> 1] >> 4) : (q8[j >> 1] & 0x0F);
+    if (Bits == 8) return q8[j];
+    return q16[j];
+  };
+  const int64_t full = cols / d;  // subvectors with no padding
+  if (d == 8) {  // the common length, unrolled
+    for (int64_t j = 0; j < full; ++j) {
+      const float* src = cw + code(j) * 8;
+      float* dst = row + j * 8;
+      for (int t = 0; t < 8; ++t) dst[t] = src[t];
+    }
+  } else {
+    for (int64_t j = 0; j < full; ++j) std::memcpy(row + j * d, cw + code(j) * d, static_cast<size_t>(d) * sizeof(float));
+  }
+  if (full < n_sub) {
+    std::memcpy(row + full * d, cw + code(full) * d, static_cast<size_t>(cols - full * d) * sizeof(float));
+  }
+}
+
+}  // namespace
+
 void EncodedWeight::DecodeRows(int64_t r0, int64_t r1, float* out) const {
-  const float* cw = codewords_.data();
   for (int64_t r = r0; r < r1; ++r) {
     float* row = out + (r - r0) * cols_;
-    for (int64_t j = 0; j < n_sub_; ++j) {
-      int64_t start = j * d_;
-      int64_t len = std::min(d_, cols_ - start);
-      uint32_t code = Code(r, j);
-      std::memcpy(row + start, cw + code * d_, static_cast<size_t>(len) * sizeof(float));
+    switch (code_bits_) {
+      case 4: GatherCodewords<4>(*this, r, row); break;
+      case 8: GatherCodewords<8>(*this, r, row); break;
+      default: GatherCodewords<16>(*this, r, row); break;
     }
+    const float s = scales_.empty() ? 1.0f : scales_[r];
     if (signs_ != nullptr) {
+      // Eight entries per sign byte at once, through the 256 x 8 table of +-1 (as the bodies
+      // do): no branch on data bits, and the multiply vectorises.
+      static const SignTable table;
       const uint8_t* bits = signs_ + r * sign_bytes_;
-      for (int64_t c = 0; c < cols_; ++c) {
-        if ((bits[c >> 3] >> (c & 7)) & 1) row[c] = -row[c];
+      const int64_t whole = cols_ / 8;
+      for (int64_t b = 0; b < whole; ++b) {
+        const float* sign = table.values[bits[b]];
+        float* out = row + b * 8;
+        for (int t = 0; t < 8; ++t) out[t] *= s * sign[t];
       }
-    }
-    if (!scales_.empty()) {
-      float s = scales_[r];
+      for (int64_t c = whole * 8; c < cols_; ++c) row[c] *= s * table.values[bits[c >> 3]][c & 7];
+    } else if (!scales_.empty()) {
       for (int64_t c = 0; c < cols_; ++c) row[c] *= s;
     }
   }

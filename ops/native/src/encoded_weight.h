@@ -33,6 +33,11 @@ class EncodedWeight {
   const float* codewords() const { return codewords_.data(); }  // k x d
   const float* scales() const { return scales_.empty() ? nullptr : scales_.data(); }
 
+  int64_t code_bits() const { return code_bits_; }
+  // Row r's packed codes (uint8 for 4 and 8 bits, uint16 for 16).
+  const uint8_t* codes8_row(int64_t r) const { return codes8_ + r * codes_cols_; }
+  const uint16_t* codes16_row(int64_t r) const { return codes16_ + r * codes_cols_; }
+
   // Code of subvector j of row r.
   inline uint32_t Code(int64_t r, int64_t j) const {
     switch (code_bits_) {
