@@ -157,25 +157,70 @@ void OpAttributes::SetStrings(const char* name, const std::vector<std::string>& 
   attrs_.emplace_back(name, pointers.data(), static_cast<int>(pointers.size()), ORT_OP_ATTR_STRINGS);
 }
 
+namespace {
+
+// Buffers up to this size are kept per thread after use and handed to the next Scratch, so a
+// kernel called again does not map fresh pages (and fault them in) every call; at most
+// kPoolBytes stay kept per thread, whatever the model.
+constexpr size_t kPooledBytes = size_t{4} << 20;
+constexpr size_t kPoolBytes = size_t{12} << 20;
+
+struct Pool {
+  std::vector<std::pair<void*, size_t>> free;  // (buffer, capacity in bytes)
+  size_t kept = 0;
+  ~Pool() {
+    for (auto& entry : free) std::free(entry.first);
+  }
+};
+
+Pool& ThreadPool() {
+  thread_local Pool pool;
+  return pool;
+}
+
+}  // namespace
+
 Scratch::Scratch(size_t floats) : size_(floats), bytes_(floats * sizeof(float)) {
   if (bytes_ == 0) return;
-  // Buffers of 1 MiB and more bypass malloc: glibc raises its mmap threshold after such frees,
-  // and the next decoded weight would then stay resident in the heap.
-  if (bytes_ >= (1u << 20)) {
-    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw std::bad_alloc();
-    data_ = static_cast<float*>(p);
-    mapped_ = true;
-  } else {
-    data_ = static_cast<float*>(std::malloc(bytes_));
-    if (data_ == nullptr) throw std::bad_alloc();
+  if (bytes_ <= kPooledBytes) {
+    Pool& pool = ThreadPool();
+    // the smallest kept buffer that is large enough
+    size_t best = pool.free.size();
+    for (size_t i = 0; i < pool.free.size(); ++i) {
+      if (pool.free[i].second >= bytes_ && (best == pool.free.size() || pool.free[i].second < pool.free[best].second)) {
+        best = i;
+      }
+    }
+    if (best < pool.free.size()) {
+      data_ = static_cast<float*>(pool.free[best].first);
+      capacity_ = pool.free[best].second;
+      pool.kept -= capacity_;
+      pool.free.erase(pool.free.begin() + static_cast<std::ptrdiff_t>(best));
+    } else {
+      data_ = static_cast<float*>(std::malloc(bytes_));
+      if (data_ == nullptr) throw std::bad_alloc();
+      capacity_ = bytes_;
+    }
+    return;
   }
+  // Larger buffers bypass malloc: glibc raises its mmap threshold after such frees, and the next
+  // decoded weight would then stay resident in the heap.
+  void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  data_ = static_cast<float*>(p);
+  mapped_ = true;
 }
 
 Scratch::~Scratch() {
   if (data_ == nullptr) return;
   if (mapped_) {
     munmap(data_, bytes_);
+    return;
+  }
+  Pool& pool = ThreadPool();
+  if (pool.kept + capacity_ <= kPoolBytes) {
+    pool.free.emplace_back(data_, capacity_);
+    pool.kept += capacity_;
   } else {
     std::free(data_);
   }

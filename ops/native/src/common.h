@@ -49,7 +49,8 @@ class OpAttributes {
   std::vector<Ort::OpAttr> attrs_;
 };
 
-// Float scratch memory for one kernel call. Large buffers are mapped and unmapped directly so
+// Float scratch memory for one kernel call (uninitialised). Buffers up to 4 MiB are reused from
+// a small per-thread pool (at most 12 MiB kept); larger ones are mapped and unmapped directly, so
 // that a decoded weight does not stay in the process's heap (and its RSS) after the call.
 class Scratch {
  public:
@@ -64,6 +65,7 @@ class Scratch {
   float* data_ = nullptr;
   size_t size_ = 0;
   size_t bytes_ = 0;
+  size_t capacity_ = 0;
   bool mapped_ = false;
 };
 

@@ -155,6 +155,9 @@ void EncodedWeight::Prepare(const Ort::ConstValue& codes, const Ort::ConstValue&
     }
     codewords_.swap(decoded);
   }
+  codewords_t_.resize(codewords_.size());
+  for (int64_t c = 0; c < k_; ++c)
+    for (int64_t t = 0; t < d_; ++t) codewords_t_[t * k_ + c] = codewords_[c * d_ + t];
   n_sub_ = (cols_ + d_ - 1) / d_;
   int64_t per_row = code_bits_ == 4 ? codes_cols_ * 2 : codes_cols_;
   if (per_row < n_sub_) Fail("onnxvq: the codes hold fewer subvectors than the weight's rows need");

@@ -31,6 +31,7 @@ class EncodedWeight {
   const std::vector<int64_t>& weight_shape() const { return weight_shape_; }
   bool has_signs() const { return signs_ != nullptr; }
   const float* codewords() const { return codewords_.data(); }  // k x d
+  const float* codewords_transposed() const { return codewords_t_.data(); }  // d x k
   const float* scales() const { return scales_.empty() ? nullptr : scales_.data(); }
 
   int64_t code_bits() const { return code_bits_; }
@@ -73,6 +74,7 @@ class EncodedWeight {
   const uint16_t* codes16_ = nullptr;
   const uint8_t* signs_ = nullptr;
   std::vector<float> codewords_;
+  std::vector<float> codewords_t_;
   std::vector<float> scales_;
 };
 

@@ -14,14 +14,17 @@ class EncodedMatMul {
   // y (m x N) = a (m x K) @ W^T, W's per-row scales included.
   void Run(const EncodedWeight& w, const float* a, int64_t m, float* y, const Ort::KernelContext& context) const;
 
-  // Whether Run uses the lookup-table path for this weight (else decoded tiles + Gemm).
-  static bool UsesLookupTables(const EncodedWeight& w);
+  // Whether Run uses the lookup-table path for this weight and m activation rows (else decoded
+  // tiles and onnxruntime's Gemm).
+  static bool UsesLookupTables(const EncodedWeight& w, int64_t m);
 
  private:
   void RunLookupTables(const EncodedWeight& w, const float* a, int64_t m, float* y,
                        const Ort::KernelContext& context) const;
   void RunTiles(const EncodedWeight& w, const float* a, int64_t m, float* y, const Ort::KernelContext& context) const;
 
+  enum class Path { kAuto, kTables, kTiles };
+  Path forced_ = Path::kAuto;
   mutable Ort::Op gemm_{nullptr};  // Invoke is not const; the op itself holds no call state
 };
 
