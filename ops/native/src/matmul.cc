@@ -194,24 +194,57 @@ void AccumulateRows(const EncodedWeight& w, const float* table, int64_t j0, int6
 
 // One pass of up to kRowsPerPass activation rows, padded to R (a power of two) with zero rows.
 template <int R>
-void LookupPass(const EncodedWeight& w, const float* xt, float* acc, const Ort::KernelContext& context) {
+void LookupPass(const EncodedWeight& w, const float* xt, float* acc, const Ort::KernelContext* context) {
   const int64_t n_out = w.rows(), cols = w.cols(), d = w.d(), k = w.k(), n_sub = w.n_sub();
   const int64_t per_position = k * R;
   const int64_t block = std::max<int64_t>(1, TableBytes(R) / (per_position * static_cast<int64_t>(sizeof(float))));
   Scratch table(static_cast<size_t>(std::min(block, n_sub) * per_position));
   std::fill(acc, acc + n_out * R, 0.0f);
+  // With a context the pass spreads its work over the session's threads; without, it runs here
+  // (one pass of many running side by side).
+  auto for_each = [&](size_t total, auto&& fn) {
+    if (context != nullptr) {
+      ParallelFor(*context, total, 0, fn);
+    } else {
+      for (size_t i = 0; i < total; ++i) fn(i);
+    }
+  };
   for (int64_t j0 = 0; j0 < n_sub; j0 += block) {
     const int64_t j1 = std::min(n_sub, j0 + block);
     float* t = table.data();
-    ParallelFor(context, static_cast<size_t>(j1 - j0), 0, [&](size_t jj) {
+    for_each(static_cast<size_t>(j1 - j0), [&](size_t jj) {
       const int64_t j = j0 + static_cast<int64_t>(jj);
       BuildTable<R>(w.codewords_transposed(), k, xt, j * d, std::min(d, cols - j * d), t + jj * per_position);
     });
     const int64_t chunk = 128;
-    ParallelFor(context, static_cast<size_t>((n_out + chunk - 1) / chunk), 0, [&](size_t b) {
+    for_each(static_cast<size_t>((n_out + chunk - 1) / chunk), [&](size_t b) {
       const int64_t n0 = static_cast<int64_t>(b) * chunk, n1 = std::min(n_out, n0 + chunk);
       AccumulateRows<R>(w, t, j0, j1, n0, n1, acc);
     });
+  }
+}
+
+// Rows [i0, i0 + rows) of Y, one pass (rows <= kRowsPerPass).
+void LookupRows(const EncodedWeight& w, const float* a, int64_t i0, int64_t rows, float* y,
+                const Ort::KernelContext* context) {
+  const int64_t n_out = w.rows(), cols = w.cols();
+  const float* scales = w.scales();
+  // Padded with zero rows to a whole vector: 1, 8, 16 or 32 rows per table entry.
+  const int64_t padded = rows == 1 ? 1 : rows <= 8 ? 8 : rows <= 16 ? 16 : 32;
+  Scratch xt(static_cast<size_t>(cols * padded));
+  std::fill(xt.data(), xt.data() + cols * padded, 0.0f);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < cols; ++c) xt.data()[c * padded + i] = a[(i0 + i) * cols + c];
+  Scratch acc(static_cast<size_t>(n_out * padded));
+  switch (padded) {
+    case 1: LookupPass<1>(w, xt.data(), acc.data(), context); break;
+    case 8: LookupPass<8>(w, xt.data(), acc.data(), context); break;
+    case 16: LookupPass<16>(w, xt.data(), acc.data(), context); break;
+    default: LookupPass<32>(w, xt.data(), acc.data(), context); break;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* out = y + (i0 + i) * n_out;
+    for (int64_t n = 0; n < n_out; ++n) out[n] = acc.data()[n * padded + i] * (scales != nullptr ? scales[n] : 1.0f);
   }
 }
 
@@ -223,28 +256,17 @@ void LookupPass(const EncodedWeight& w, const float* xt, float* acc, const Ort::
 // 4d bytes of weights.
 void EncodedMatMul::RunLookupTables(const EncodedWeight& w, const float* a, int64_t m, float* y,
                                     const Ort::KernelContext& context) const {
-  const int64_t n_out = w.rows(), cols = w.cols();
-  const float* scales = w.scales();
-  for (int64_t i0 = 0; i0 < m; i0 += kRowsPerPass) {
-    const int64_t rows = std::min(kRowsPerPass, m - i0);
-    // Padded with zero rows to a whole vector: 1, 8, 16 or 32 rows per table entry.
-    const int64_t padded = rows == 1 ? 1 : rows <= 8 ? 8 : rows <= 16 ? 16 : 32;
-    Scratch xt(static_cast<size_t>(cols * padded));
-    std::fill(xt.data(), xt.data() + cols * padded, 0.0f);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t c = 0; c < cols; ++c) xt.data()[c * padded + i] = a[(i0 + i) * cols + c];
-    Scratch acc(static_cast<size_t>(n_out * padded));
-    switch (padded) {
-      case 1: LookupPass<1>(w, xt.data(), acc.data(), context); break;
-      case 8: LookupPass<8>(w, xt.data(), acc.data(), context); break;
-      case 16: LookupPass<16>(w, xt.data(), acc.data(), context); break;
-      default: LookupPass<32>(w, xt.data(), acc.data(), context); break;
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-      float* out = y + (i0 + i) * n_out;
-      for (int64_t n = 0; n < n_out; ++n) out[n] = acc.data()[n * padded + i] * (scales != nullptr ? scales[n] : 1.0f);
-    }
+  const int64_t passes = (m + kRowsPerPass - 1) / kRowsPerPass;
+  if (passes == 1) {  // the pass itself spreads over the threads
+    LookupRows(w, a, 0, m, y, &context);
+    return;
   }
+  // Several passes: whole passes side by side, each on one thread (a pass's own parallel steps
+  // are too short to be worth waking the threads, thousands of times a layer).
+  ParallelFor(context, static_cast<size_t>(passes), 0, [&](size_t p) {
+    const int64_t i0 = static_cast<int64_t>(p) * kRowsPerPass;
+    LookupRows(w, a, i0, std::min(kRowsPerPass, m - i0), y, nullptr);
+  });
 }
 
 // Decodes tiles of output rows into a bounded buffer and multiplies each with the standard Gemm

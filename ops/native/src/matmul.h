@@ -2,6 +2,8 @@
 // without ever holding W: the core of VQGemm and VQMatMul.
 #pragma once
 
+#include <type_traits>
+
 #include "encoded_weight.h"
 
 namespace onnxvq {
@@ -36,8 +38,9 @@ void ParallelFor(const Ort::KernelContext& context, size_t total, size_t batches
     fn(0);
     return;
   }
-  auto trampoline = [](void* data, size_t i) { (*static_cast<Fn*>(data))(i); };
-  context.ParallelFor(trampoline, total, batches, &fn);
+  using F = std::remove_reference_t<Fn>;
+  auto trampoline = [](void* data, size_t i) { (*static_cast<F*>(data))(i); };
+  context.ParallelFor(trampoline, total, batches, const_cast<void*>(static_cast<const void*>(&fn)));
 }
 
 }  // namespace onnxvq
