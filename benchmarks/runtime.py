@@ -209,12 +209,33 @@ def empty_model(out: str) -> str:
     return path
 
 
-def model_feeds(model_path: str, batches: list[int]) -> dict[int, dict[str, np.ndarray]]:
+def model_feeds(model_path: str, batches: list[int], shapes: dict[str, tuple[int, ...]] | None = None
+                ) -> dict[int, dict[str, np.ndarray]]:
+    """Inputs by batch: generated from the specs, except that an input named in ``shapes``
+    (``--shape NAME=D0,D1,...``, the first dimension replaced by the batch) is drawn standard
+    normal at that shape (an image detector at the size it reads, not 64 x 64)."""
     from onnxvq.model_io import load_model
     from onnxvq.model_run import input_feed
 
     model = load_model(model_path)
-    return {b: input_feed(model, batch=b, where=model_path).arrays for b in batches}
+    feeds = {b: input_feed(model, batch=b, where=model_path).arrays for b in batches}
+    rng = np.random.default_rng(0)
+    for b, feed in feeds.items():
+        for name, shape in (shapes or {}).items():
+            if name in feed:
+                feed[name] = rng.standard_normal((b, *shape[1:])).astype(feed[name].dtype)
+    return feeds
+
+
+def _named_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape wants NAME=D0,D1,... (got {text!r})") from None
+    if not name or not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--shape wants NAME=D0,D1,... with positive dimensions (got {text!r})")
+    return name, shape
 
 
 def memory_over(record: dict, baseline: dict) -> tuple[float, float]:
@@ -230,7 +251,7 @@ def benchmark_model(model_path: str, out: str, args, baseline: dict) -> tuple[li
 
     _log(f"{model_path}: writing the variants")
     files, notes = write_variants(model_path, out)
-    feeds = model_feeds(model_path, args.batches)
+    feeds = model_feeds(model_path, args.batches, args.shape)
     library = native_library_path()
     rows = []
     for mode in MODES:
@@ -324,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="timed runs after one warm-up (default 5, --quick 3)")
     parser.add_argument("--out", help="folder for the written models (default: temporary, removed)")
     parser.add_argument("--json", dest="json_path", help="write every measurement as JSON here")
+    parser.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...", type=_named_shape,
+                        help="the shape of input NAME (its first dimension becomes the batch), for --models "
+                             "whose dynamic dimensions would otherwise be 64 (repeatable)")
     args = parser.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 5)
+    args.shape = dict(args.shape)
     logging.basicConfig(level=logging.ERROR)  # the quantizers' advice and onnxvq's progress stay quiet
 
     import onnxruntime as ort

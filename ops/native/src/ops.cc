@@ -403,7 +403,9 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   using namespace onnxvq;
   const OrtApi* api = api_base->GetApi(kOrtApiVersion);
-  if (api == nullptr) return nullptr;  // cannot even report it: too old an onnxruntime
+  if (api == nullptr) {  // too old an onnxruntime: say so through the first API, which all have
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "onnxvq's kernels need onnxruntime 1.20 or newer");
+  }
   Ort::InitApi(api);
   try {
     static Ort::CustomOpDomain domain{"ai.onnxvq"};
