@@ -23,11 +23,14 @@ its high-water mark to its current size (``/proc/self/clear_refs``, so that the 
 not count), reads its resident size and high-water mark (``VmRSS`` and ``VmHWM`` of
 ``/proc/self/status``; ``getrusage``'s ``ru_maxrss`` is recorded in the JSON too, but in a spawned
 child it also holds the parent's size at the fork, which no reset lowers), creates the session
-with the first ``--threads`` value, runs the smallest batch once and reads them again; then
-times ``--runs`` runs after one warm-up for each batch (``--batches``) and thread count. The
-session's memory is reported over that of an empty baseline (the same steps on a one-``Identity``
-model, which is onnxruntime's own cost): ``peak`` = high-water mark after the run minus the
-resident size before the session, ``resident`` = resident size after the run minus before.
+with the first ``--threads`` value, reads its resident size again, runs the smallest batch once
+and reads them again; then times ``--runs`` runs after one warm-up for each batch
+(``--batches``) and thread count. The session's memory is reported over that of an empty
+baseline (the same steps on a one-``Identity`` model, which is onnxruntime's own cost):
+``session`` = resident size right after creation minus before (the weights and the graph, no
+activations yet; shown with its ratio to the file size), ``peak`` = high-water mark after the
+run minus the resident size before the session, ``resident`` = resident size after the run
+minus before.
 
 Inputs are generated from the model's input specs as ``onnxvq run`` generates them
 (:func:`onnxvq.model_run.input_feed`: floats standard normal, integers 0, the first dimension the
@@ -128,6 +131,7 @@ def measure(path: str, native: bool | None, disabled: tuple[str, ...], feeds: di
     rss_before, hwm_before = _status_kib("VmRSS"), _status_kib("VmHWM")
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     session, library = open_session(path, native=native, threads=threads[0], disabled_optimizers=disabled)
+    rss_created = _status_kib("VmRSS")  # the session alone: its weights and graph, no activations yet
     session.run(None, feeds[first])
     rss_after, hwm_after = _status_kib("VmRSS"), _status_kib("VmHWM")
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -142,7 +146,8 @@ def measure(path: str, native: bool | None, disabled: tuple[str, ...], feeds: di
             session, _ = open_session(path, native=native, threads=count, disabled_optimizers=disabled)
         for batch, feed in sorted(feeds.items()):
             latency[f"b{batch}_t{count}"] = timed_runs(session, feed, runs)[1].seconds
-    return {"library": library, "latency": latency, "rss_before_kib": rss_before, "rss_after_kib": rss_after,
+    return {"library": library, "latency": latency, "rss_before_kib": rss_before, "rss_created_kib": rss_created,
+            "rss_after_kib": rss_after,
             "peak_after_kib": peak_after, "peak_reset": peak_reset, "vmhwm_kib": [hwm_before, hwm_after],
             "ru_maxrss_kib": [maxrss_before, maxrss_after]}
 
@@ -238,11 +243,13 @@ def _named_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
-def memory_over(record: dict, baseline: dict) -> tuple[float, float]:
-    """(peak, resident) MiB of the session over the empty baseline's."""
-    peak = (record["peak_after_kib"] - record["rss_before_kib"]) - (baseline["peak_after_kib"] - baseline["rss_before_kib"])
-    rss = (record["rss_after_kib"] - record["rss_before_kib"]) - (baseline["rss_after_kib"] - baseline["rss_before_kib"])
-    return peak / 1024, rss / 1024
+def memory_over(record: dict, baseline: dict) -> tuple[float, float, float]:
+    """(created, peak, resident) MiB of the session over the empty baseline's: resident right
+    after creation (weights and graph), peak and resident after the first run."""
+    def over(key: str) -> float:
+        return ((record[key] - record["rss_before_kib"]) - (baseline[key] - baseline["rss_before_kib"])) / 1024
+
+    return over("rss_created_kib"), over("peak_after_kib"), over("rss_after_kib")
 
 
 def benchmark_model(model_path: str, out: str, args, baseline: dict) -> tuple[list[dict], dict]:
@@ -271,7 +278,7 @@ def benchmark_model(model_path: str, out: str, args, baseline: dict) -> tuple[li
             row["note"] = f"failed: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
             _log(f"  {mode.label}: {row['note']}")
             continue
-        row["memory_mib"] = dict(zip(("peak", "resident"), memory_over(record, baseline)))
+        row["memory_mib"] = dict(zip(("created", "peak", "resident"), memory_over(record, baseline)))
         row["latency_s"] = record["latency"]
         if record["library"]:
             row["note"] = f"library {record['library']}"
@@ -291,9 +298,9 @@ def _median(seconds: list[float]) -> float:
 def table(rows: list[dict], columns: list[str]) -> str:
     """The markdown table of one model's rows, ratios against its fp32 row."""
     fp32 = next((r for r in rows if r["variant"] == "fp32" and "latency_s" in r), None)
-    lines = ["| variant | file MB | file ratio | peak MiB | resident MiB | "
+    lines = ["| variant | file MB | file ratio | session MiB (x file) | peak MiB | resident MiB | "
              + " | ".join(f"{c.replace('_', ' ')} ms" for c in columns) + " | note |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(columns) + "---|"]
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(columns) + "---|"]
 
     def relative(value: float, reference: float | None) -> str:
         return f" ({value / reference:.2f}x)" if reference else ""
@@ -304,6 +311,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
         cells += [_num(size / 1e6) if size else "-",
                   f"{fp32['file_bytes'] / size:.1f}x" if size and fp32 else "-"]
         memory = r.get("memory_mib")
+        cells.append(f"{_num(memory['created'])} ({memory['created'] * 2**20 / size:.2f}x)" if memory and size else "-")
         for key in ("peak", "resident"):
             ref = fp32["memory_mib"][key] if fp32 and fp32["memory_mib"][key] > 0 else None
             cells.append(f"{_num(memory[key])}{relative(memory[key], ref)}" if memory else "-")
