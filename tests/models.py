@@ -103,6 +103,21 @@ def lstm_model(directions=2, hidden=32, size=24) -> onnx.ModelProto:
     )
 
 
+def tied_embedding_model(rows: int = 2048, dim: int = 32, seed: int = 4) -> onnx.ModelProto:
+    """tokens (T,) -> Gather(E, tokens) -> Gemm(embedded, E, transB=1) -> logits (T, rows): one
+    table read by a lookup ("embed") and by the output projection ("unembed")."""
+    table = (0.1 * rng(seed).standard_normal((rows, dim))).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "tokens"], ["embedded"], name="embed"),
+        helper.make_node("Gemm", ["embedded", "E"], ["logits"], name="unembed", transB=1),
+    ]
+    return make_model(
+        nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", rows])],
+        [numpy_helper.from_array(table, "E")],
+    )
+
+
 def random_encoding(r: np.random.Generator, layout, k: int, d: int, extras=(), codebook_dtype=np.float16, *,
                     codebook_scale: float = 1.0, scale_decades=(-2, 1)):
     """(codes (rows, n_sub), codebook, matrix (rows, cols) float32, {extra: stored tensor}):

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxvq
-from models import lstm_model, make_model, random_encoding, rng, run_ort
+from models import lstm_model, make_model, random_encoding, rng, run_ort, tied_embedding_model
 from onnxvq import ops
 from onnxvq.candidates import find_layers
 from onnxvq.layout import WeightLayout
@@ -134,16 +134,7 @@ def test_gathers_that_are_not_tables_are_not_layers():
 
 def test_a_tied_embedding_is_encoded_once_for_the_lookup_and_the_output_projection():
     """Gather(E, tokens) and Gemm(h, E, transB=1) read E with the same rows: one encoding."""
-    table = (0.1 * rng(4).standard_normal((2048, 32))).astype(np.float32)
-    nodes = [
-        helper.make_node("Gather", ["E", "tokens"], ["embedded"], name="embed"),
-        helper.make_node("Gemm", ["embedded", "E"], ["logits"], name="unembed", transB=1),
-    ]
-    model = make_model(
-        nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["T"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", 2048])],
-        [numpy_helper.from_array(table, "E")],
-    )
+    model = tied_embedding_model()
     result = onnxvq.compress(model, k=256, d=4)
     compressed = result.to_proto()
     assert sorted(n.op_type for n in compressed.graph.node) == ["VQGather", "VQGemm"]

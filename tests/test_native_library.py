@@ -62,12 +62,18 @@ def test_native_true_without_library_is_a_one_line_error(no_library):
     assert "onnxvq native build" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_native_false_never_loads_nor_warns(monkeypatch, tmp_path, caplog):
-    bad = tmp_path / "bad.so"
-    bad.write_bytes(b"not a library")
+@pytest.fixture
+def bad_library(monkeypatch, tmp_path, caplog):
+    """``$ONNXVQ_NATIVE_LIBRARY`` naming a file that is no library, the warning not yet given."""
+    bad = tmp_path / "libonnxvq_ops.so"
+    bad.write_bytes(b"\x7fELF but truncated")
     monkeypatch.setenv(native_library.ENV_LIBRARY, str(bad))
     monkeypatch.setattr(native_library, "_warned", False)
     caplog.set_level(logging.WARNING)
+    return bad
+
+
+def test_native_false_never_loads_nor_warns(bad_library, caplog):
     options, library = native_library.session_options_with_library(native=False)
     assert library is None and not _warnings(caplog)
 
@@ -77,12 +83,8 @@ def test_unknown_session_option_is_named():
         native_library.session_options(native=False, intra_op_threads=1)
 
 
-def test_bad_library_file_falls_back_with_the_warning(monkeypatch, tmp_path, caplog):
-    bad = tmp_path / "libonnxvq_ops.so"
-    bad.write_bytes(b"\x7fELF but truncated")
-    monkeypatch.setenv(native_library.ENV_LIBRARY, str(bad))
-    monkeypatch.setattr(native_library, "_warned", False)
-    caplog.set_level(logging.WARNING)
+def test_bad_library_file_falls_back_with_the_warning(bad_library, caplog):
+    bad = bad_library
     assert native_library.native_library_path() == str(bad)
     options, library = native_library.session_options_with_library()
     assert library is None

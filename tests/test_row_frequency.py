@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxvq
-from models import make_model, rng, run_ort
+from models import make_model, rng, run_ort, tied_embedding_model
 from onnxvq.row_frequency import count_rows, row_weights
 
 VOCAB, DIM = 4096, 16
@@ -97,16 +97,7 @@ def test_a_table_tied_to_a_projection_keeps_the_projection_s_input_moments(monke
     rows alike), not re-weighted by the lookups."""
     import onnxvq.api
 
-    table = (0.1 * rng(4).standard_normal((2048, 32))).astype(np.float32)
-    nodes = [
-        helper.make_node("Gather", ["E", "tokens"], ["embedded"], name="embed"),
-        helper.make_node("Gemm", ["embedded", "E"], ["logits"], name="unembed", transB=1),
-    ]
-    model = make_model(
-        nodes, [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["T"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", 2048])],
-        [numpy_helper.from_array(table, "E")],
-    )
+    model = tied_embedding_model()
     counted = []
     capture = onnxvq.api.capture_row_weights
     monkeypatch.setattr(onnxvq.api, "capture_row_weights",

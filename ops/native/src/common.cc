@@ -44,30 +44,31 @@ std::string StringAttr(const Ort::ConstKernelInfo& info, const char* name, const
   return value;
 }
 
-std::vector<int64_t> IntsAttr(const Ort::ConstKernelInfo& info, const char* name) {
+namespace {
+
+// A list attribute through its C API getter (first the size, then the values), empty when absent.
+template <typename T, typename Getter>
+std::vector<T> ArrayAttr(const Ort::ConstKernelInfo& info, const char* name, Getter getter) {
   const OrtApi& api = Ort::GetApi();
   size_t size = 0;
-  OrtStatus* status = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size);
+  OrtStatus* status = (api.*getter)(info, name, nullptr, &size);
   if (status != nullptr) {
     api.ReleaseStatus(status);
     return {};
   }
-  std::vector<int64_t> values(size);
-  if (size) Ort::ThrowOnError(api.KernelInfoGetAttributeArray_int64(info, name, values.data(), &size));
+  std::vector<T> values(size);
+  if (size) Ort::ThrowOnError((api.*getter)(info, name, values.data(), &size));
   return values;
 }
 
+}  // namespace
+
+std::vector<int64_t> IntsAttr(const Ort::ConstKernelInfo& info, const char* name) {
+  return ArrayAttr<int64_t>(info, name, &OrtApi::KernelInfoGetAttributeArray_int64);
+}
+
 std::vector<float> FloatsAttr(const Ort::ConstKernelInfo& info, const char* name) {
-  const OrtApi& api = Ort::GetApi();
-  size_t size = 0;
-  OrtStatus* status = api.KernelInfoGetAttributeArray_float(info, name, nullptr, &size);
-  if (status != nullptr) {
-    api.ReleaseStatus(status);
-    return {};
-  }
-  std::vector<float> values(size);
-  if (size) Ort::ThrowOnError(api.KernelInfoGetAttributeArray_float(info, name, values.data(), &size));
-  return values;
+  return ArrayAttr<float>(info, name, &OrtApi::KernelInfoGetAttributeArray_float);
 }
 
 std::vector<std::string> StringsAttr(const Ort::ConstKernelInfo& info, const char* name) {
@@ -103,14 +104,8 @@ void OpAttributes::SetString(const char* name, const std::string& value) {
 }
 
 void OpAttributes::CopyInts(const Ort::ConstKernelInfo& info, const char* name) {
-  size_t size = 0;
-  OrtStatus* status = Ort::GetApi().KernelInfoGetAttributeArray_int64(info, name, nullptr, &size);
-  if (status != nullptr) {
-    Ort::GetApi().ReleaseStatus(status);
-    return;
-  }
   std::vector<int64_t> values = IntsAttr(info, name);
-  attrs_.emplace_back(name, values.data(), static_cast<int>(values.size()), ORT_OP_ATTR_INTS);
+  if (!values.empty()) attrs_.emplace_back(name, values.data(), static_cast<int>(values.size()), ORT_OP_ATTR_INTS);
 }
 
 void OpAttributes::CopyFloat(const Ort::ConstKernelInfo& info, const char* name) {
@@ -124,14 +119,8 @@ void OpAttributes::CopyFloat(const Ort::ConstKernelInfo& info, const char* name)
 }
 
 void OpAttributes::CopyFloats(const Ort::ConstKernelInfo& info, const char* name) {
-  size_t size = 0;
-  OrtStatus* status = Ort::GetApi().KernelInfoGetAttributeArray_float(info, name, nullptr, &size);
-  if (status != nullptr) {
-    Ort::GetApi().ReleaseStatus(status);
-    return;
-  }
   std::vector<float> values = FloatsAttr(info, name);
-  attrs_.emplace_back(name, values.data(), static_cast<int>(values.size()), ORT_OP_ATTR_FLOATS);
+  if (!values.empty()) attrs_.emplace_back(name, values.data(), static_cast<int>(values.size()), ORT_OP_ATTR_FLOATS);
 }
 
 void OpAttributes::CopyString(const Ort::ConstKernelInfo& info, const char* name) {

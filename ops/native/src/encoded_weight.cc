@@ -201,13 +201,7 @@ template <int Bits>
 void GatherCodewords(const EncodedWeight& w, int64_t r, float* row) {
   const int64_t d = w.d(), cols = w.cols(), n_sub = w.n_sub();
   const float* cw = w.codewords();
-  const uint8_t* q8 = Bits == 16 ? nullptr : w.codes8_row(r);
-  const uint16_t* q16 = Bits == 16 ? w.codes16_row(r) : nullptr;
-  auto code = [&](int64_t j) -> uint32_t {
-    if (Bits == 4) return (j & 1) ? (q8[j >> 1] >> 4) : (q8[j >> 1] & 0x0F);
-    if (Bits == 8) return q8[j];
-    return q16[j];
-  };
+  const auto code = w.row_codes<Bits>(r);
   const int64_t full = cols / d;  // subvectors with no padding
   if (d == 8) {  // the common length, unrolled
     for (int64_t j = 0; j < full; ++j) {

@@ -39,6 +39,22 @@ class EncodedWeight {
   const uint8_t* codes8_row(int64_t r) const { return codes8_ + r * codes_cols_; }
   const uint16_t* codes16_row(int64_t r) const { return codes16_ + r * codes_cols_; }
 
+  // Row r's codes at a code width known when compiling (the kernels' inner loops).
+  template <int Bits>
+  struct RowCodes {
+    const uint8_t* q8;
+    const uint16_t* q16;
+    uint32_t operator()(int64_t j) const {
+      if (Bits == 4) return (j & 1) ? (q8[j >> 1] >> 4) : (q8[j >> 1] & 0x0F);
+      if (Bits == 8) return q8[j];
+      return q16[j];
+    }
+  };
+  template <int Bits>
+  RowCodes<Bits> row_codes(int64_t r) const {
+    return Bits == 16 ? RowCodes<Bits>{nullptr, codes16_row(r)} : RowCodes<Bits>{codes8_row(r), nullptr};
+  }
+
   // Code of subvector j of row r.
   inline uint32_t Code(int64_t r, int64_t j) const {
     switch (code_bits_) {

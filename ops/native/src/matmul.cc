@@ -142,13 +142,7 @@ void Accumulate(const EncodedWeight& w, const float* __restrict table, int64_t j
                 float* __restrict acc) {
   const int64_t stride = w.k() * R;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* q8 = Bits == 16 ? nullptr : w.codes8_row(n);
-    const uint16_t* q16 = Bits == 16 ? w.codes16_row(n) : nullptr;
-    auto code = [&](int64_t j) -> int64_t {
-      if (Bits == 4) return (j & 1) ? (q8[j >> 1] >> 4) : (q8[j >> 1] & 0x0F);
-      if (Bits == 8) return q8[j];
-      return q16[j];
-    };
+    const auto code = w.row_codes<Bits>(n);
     if (R == 1) {  // batch 1: four independent sums hide the gathers' latency
       float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       int64_t j = j0;
