@@ -162,3 +162,24 @@ def test_a_node_without_extra_inputs_is_refused_with_a_clear_error():
     node.attribute.extend(kept)
     with pytest.raises(Exception, match="extra_inputs"):
         run(vq, {"X": np.zeros(ops.vq_conv.CASES[0][2], np.float32)}, native=True)
+
+
+@pytest.mark.parametrize("mod", [ops.vq_gemm, ops.vq_conv, ops.vq_matmul], ids=lambda m: m.OP_TYPE)
+def test_encoded_tensors_fed_at_run_time(mod):
+    """Codes, codebook and extras given as graph inputs (not constants): the kernels read them
+    from each call's inputs, and two runs with different codebooks give their own results."""
+    case = mod.CASES[0]
+    vq, *_ = build(mod, case, 16, 4, 17, extras=("projection", "signs", "scales"))
+    encoded = {i.name: numpy_helper.to_array(i) for i in vq.graph.initializer if i.name != "bias"}
+    kept = [i for i in vq.graph.initializer if i.name not in encoded]
+    del vq.graph.initializer[:]
+    vq.graph.initializer.extend(kept)
+    for name, array in encoded.items():
+        vq.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
+                                                            list(array.shape)))
+    x = {"X": rng(5).standard_normal(case[2]).astype(np.float32)}
+    first = {**x, **encoded}
+    second = {**first, "codebook": (encoded["codebook"] * 2).astype(encoded["codebook"].dtype)}
+    for feeds in (first, second):
+        assert_library_matches_bodies(vq, feeds)
+    assert not np.allclose(run(vq, first, native=True)[0], run(vq, second, native=True)[0])

@@ -103,8 +103,15 @@ EncodedWeight::EncodedWeight(const Ort::ConstKernelInfo& info, size_t first) : f
   }
 }
 
+const EncodedWeight& EncodedWeight::ForCall(const Ort::KernelContext& context,
+                                            std::optional<EncodedWeight>& bound) const {
+  if (constant_) return *this;
+  bound.emplace(*this);
+  bound->Bind(context);
+  return *bound;
+}
+
 void EncodedWeight::Bind(const Ort::KernelContext& context) {
-  if (constant_) return;
   Ort::ConstValue codes = context.GetInput(first_);
   Ort::ConstValue codebook = context.GetInput(first_ + 1);
   Ort::ConstValue projection{nullptr}, signs{nullptr}, scales{nullptr};

@@ -9,6 +9,8 @@
 // Which of projection/signs/scales follow the codebook is the node's `extra_inputs` attribute.
 #pragma once
 
+#include <optional>
+
 #include "common.h"
 
 namespace onnxvq {
@@ -20,8 +22,10 @@ class EncodedWeight {
 
   // Index of the first input after the encoded ones (the consumer's optional inputs).
   size_t next_input() const { return first_ + 2 + n_extras_; }
-  // Refreshes the tensors from the call's inputs when they were not constants at creation.
-  void Bind(const Ort::KernelContext& context);
+  // The weight for one call: this one when its tensors are constants (read at creation); else a
+  // copy in `bound` holding the call's inputs (calls of one session may run concurrently, so the
+  // kernel's own state is never rebound).
+  const EncodedWeight& ForCall(const Ort::KernelContext& context, std::optional<EncodedWeight>& bound) const;
 
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
@@ -76,6 +80,7 @@ class EncodedWeight {
   void DecodeWeight(bool transposed, float* out) const;
 
  private:
+  void Bind(const Ort::KernelContext& context);  // Prepare from the call's inputs
   void Prepare(const Ort::ConstValue& codes, const Ort::ConstValue& codebook, const Ort::ConstValue* projection,
                const Ort::ConstValue* signs, const Ort::ConstValue* scales);
 

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <optional>
 
 #include "encoded_weight.h"
 #include "matmul.h"
@@ -60,13 +61,14 @@ class GemmKernel {
 
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext context(raw);
-    weight_.Bind(context);
+    std::optional<EncodedWeight> bound;
+    const EncodedWeight& weight = weight_.ForCall(context, bound);
     Ort::ConstValue a = context.GetInput(0);
     std::vector<int64_t> a_shape = ShapeOf(a);
     if (a_shape.size() != 2) Fail("onnxvq: VQGemm's A must be 2-D");
     const int64_t m = trans_a_ ? a_shape[1] : a_shape[0], k = trans_a_ ? a_shape[0] : a_shape[1];
-    const int64_t n = weight_.rows();
-    if (k != weight_.cols()) Fail("onnxvq: VQGemm's A does not match its weight's K");
+    const int64_t n = weight.rows();
+    if (k != weight.cols()) Fail("onnxvq: VQGemm's A does not match its weight's K");
     const float* a_data = a.GetTensorData<float>();
     std::unique_ptr<Scratch> transposed;
     if (trans_a_) {
@@ -77,12 +79,12 @@ class GemmKernel {
     }
     Ort::UnownedValue y = context.GetOutput(0, {m, n});
     float* out = y.GetTensorMutableData<float>();
-    matmul_.Run(weight_, a_data, m, out, context);
+    matmul_.Run(weight, a_data, m, out, context);
     if (alpha_ != 1.0f) {
       for (int64_t i = 0; i < m * n; ++i) out[i] *= alpha_;
     }
     if (has_c_) {
-      Ort::ConstValue c = context.GetInput(weight_.next_input());
+      Ort::ConstValue c = context.GetInput(weight.next_input());
       if (c != nullptr && beta_ != 0.0f) AddBias(c, m, n, out);
     }
   }
@@ -119,10 +121,11 @@ class MatMulKernel {
 
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext context(raw);
-    weight_.Bind(context);
+    std::optional<EncodedWeight> bound;
+    const EncodedWeight& weight = weight_.ForCall(context, bound);
     Ort::ConstValue x = context.GetInput(0);
     std::vector<int64_t> x_shape = ShapeOf(x);
-    const std::vector<int64_t>& w_shape = weight_.weight_shape();
+    const std::vector<int64_t>& w_shape = weight.weight_shape();
     if (!weight_left_ && w_shape.size() == 2 && !x_shape.empty()) {
       // One (K x N) matrix shared by every row of X: the encoded product.
       const int64_t k = w_shape[0], n = w_shape[1];
@@ -131,12 +134,12 @@ class MatMulKernel {
       if (x_shape.size() > 1) y_shape.push_back(n);
       if (x_shape.size() == 1) y_shape = {n};
       Ort::UnownedValue y = context.GetOutput(0, y_shape);
-      matmul_.Run(weight_, x.GetTensorData<float>(), Numel(x_shape) / k, y.GetTensorMutableData<float>(), context);
+      matmul_.Run(weight, x.GetTensorData<float>(), Numel(x_shape) / k, y.GetTensorMutableData<float>(), context);
       return;
     }
     // A weight on the left or a batch of weights: decoded for this call, onnxruntime's MatMul.
     Scratch dense(static_cast<size_t>(Numel(w_shape)));
-    DecodeAll(weight_, !weight_left_, dense.data(), context);
+    DecodeAll(weight, !weight_left_, dense.data(), context);
     Ort::Value w = WrapFloats(dense.data(), w_shape);
     std::vector<int64_t> y_shape = weight_left_ ? MatMulShape(w_shape, x_shape) : MatMulShape(x_shape, w_shape);
     Ort::UnownedValue y = context.GetOutput(0, y_shape);
@@ -177,18 +180,19 @@ class ConvKernel {
 
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext context(raw);
-    weight_.Bind(context);
+    std::optional<EncodedWeight> bound;
+    const EncodedWeight& weight = weight_.ForCall(context, bound);
     Ort::ConstValue x = context.GetInput(0);
-    const std::vector<int64_t>& w_shape = weight_.weight_shape();
+    const std::vector<int64_t>& w_shape = weight.weight_shape();
     Scratch dense(static_cast<size_t>(Numel(w_shape)));
-    DecodeAll(weight_, false, dense.data(), context);
+    DecodeAll(weight, false, dense.data(), context);
     Ort::Value w = WrapFloats(dense.data(), w_shape);
     std::vector<int64_t> x_shape = ShapeOf(x);
     std::vector<int64_t> y_shape = Transposed ? ConvTransposeShape(x_shape, w_shape, attributes_)
                                               : ConvShape(x_shape, w_shape, attributes_);
     Ort::UnownedValue y = context.GetOutput(0, y_shape);
     const OrtValue* inputs[3] = {x, w, nullptr};
-    if (has_bias_) inputs[2] = context.GetInput(weight_.next_input());
+    if (has_bias_) inputs[2] = context.GetInput(weight.next_input());
     OrtValue* outputs[] = {y};
     op_.Invoke(context.GetOrtKernelContext(), inputs, has_bias_ ? 3 : 2, outputs, 1);
   }
@@ -211,26 +215,27 @@ class GatherKernel {
 
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext context(raw);
-    weight_.Bind(context);
+    std::optional<EncodedWeight> bound;
+    const EncodedWeight& weight = weight_.ForCall(context, bound);
     Ort::ConstValue indices = context.GetInput(0);
     auto info = indices.GetTensorTypeAndShapeInfo();
     std::vector<int64_t> shape = info.GetShape();
     const int64_t count = static_cast<int64_t>(info.GetElementCount());
     std::vector<int64_t> rows(static_cast<size_t>(count));
-    const int64_t table_rows = weight_.rows();
+    const int64_t table_rows = weight.rows();
     for (int64_t i = 0; i < count; ++i) {
       int64_t r = info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 ? indices.GetTensorData<int32_t>()[i]
                                                                                 : indices.GetTensorData<int64_t>()[i];
       if (r < -table_rows || r >= table_rows) Fail("onnxvq: VQGather index out of range");
       rows[static_cast<size_t>(i)] = r < 0 ? r + table_rows : r;
     }
-    shape.push_back(weight_.cols());
+    shape.push_back(weight.cols());
     Ort::UnownedValue y = context.GetOutput(0, shape);
     float* out = y.GetTensorMutableData<float>();
-    const int64_t per_task = 64, cols = weight_.cols();
+    const int64_t per_task = 64, cols = weight.cols();
     ParallelFor(context, static_cast<size_t>((count + per_task - 1) / per_task), 0, [&](size_t b) {
       const int64_t i0 = static_cast<int64_t>(b) * per_task, i1 = std::min(count, i0 + per_task);
-      for (int64_t i = i0; i < i1; ++i) weight_.DecodeRows(rows[i], rows[i] + 1, out + i * cols);
+      for (int64_t i = i0; i < i1; ++i) weight.DecodeRows(rows[i], rows[i] + 1, out + i * cols);
     });
   }
 
@@ -294,12 +299,13 @@ class RecurrentKernel {
 
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext context(raw);
-    weight_.Bind(context);
-    const std::vector<int64_t>& v_shape = weight_.weight_shape();
+    std::optional<EncodedWeight> bound;
+    const EncodedWeight& weight = weight_.ForCall(context, bound);
+    const std::vector<int64_t>& v_shape = weight.weight_shape();
     const int64_t dirs = v_shape[0], units = v_shape[1], width = v_shape[2];
     const int64_t input_size = width - hidden_;
     Scratch dense(static_cast<size_t>(Numel(v_shape)));
-    DecodeAll(weight_, false, dense.data(), context);
+    DecodeAll(weight, false, dense.data(), context);
     Scratch w(static_cast<size_t>(dirs * units * input_size)), r(static_cast<size_t>(dirs * units * hidden_));
     for (int64_t row = 0; row < dirs * units; ++row) {
       const float* v = dense.data() + row * width;
@@ -312,7 +318,7 @@ class RecurrentKernel {
     std::vector<int64_t> x_shape = ShapeOf(x);
     const int64_t seq = layout_ ? x_shape[1] : x_shape[0], batch = layout_ ? x_shape[0] : x_shape[1];
     std::vector<const OrtValue*> inputs = {x, w_value, r_value};
-    for (size_t i = 0; i < optional_; ++i) inputs.push_back(context.GetInput(weight_.next_input() + i));
+    for (size_t i = 0; i < optional_; ++i) inputs.push_back(context.GetInput(weight.next_input() + i));
     std::vector<int64_t> y_shape = layout_ ? std::vector<int64_t>{batch, seq, dirs, hidden_}
                                            : std::vector<int64_t>{seq, dirs, batch, hidden_};
     std::vector<int64_t> state_shape = layout_ ? std::vector<int64_t>{batch, dirs, hidden_}
