@@ -95,7 +95,7 @@ def open_session(path: str | os.PathLike, *, native: bool | None = None, threads
 
     if threads is not None:
         options["intra_op_num_threads"] = threads
-    opts, library = session_options_with_library(native, **options)
+    opts, library = session_options_with_library(native, path, **options)
     extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
     try:
         session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"], **extra)

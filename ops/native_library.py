@@ -28,7 +28,8 @@ from typing import Any
 from onnxvq.errors import OnnxVQError
 from onnxvq.ops.native_build import default_library_path
 
-__all__ = ["ENV_LIBRARY", "native_library_path", "session_options", "session_options_with_library"]
+__all__ = ["ENV_LIBRARY", "native_library_path", "session_options", "session_options_with_library",
+           "unsupported_by_library"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,39 @@ def native_library_path() -> str | None:
     return str(default) if default.is_file() else None
 
 
-def session_options(native: bool | None = None, **options: Any):
+def unsupported_by_library(model) -> str | None:
+    """Why the native kernels cannot run ``model`` (a path, serialized bytes or ``ModelProto``), or
+    None. They run float32 weights (and so float32 activations) only; onnxruntime checks the
+    kernels' declared types when it loads a model, so a float16 model would not load at all with
+    the library registered, rather than run its bodies."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    elif isinstance(model, bytes):
+        proto = onnx.load_model_from_string(model)
+    else:
+        proto = onnx.load(os.fspath(model), load_external_data=False)
+    from onnxvq.ops.vq_weight import DOMAIN
+
+    def nodes(graph):
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    yield from nodes(sub)
+
+    for node in nodes(proto.graph):
+        if node.domain != DOMAIN:
+            continue
+        dtype = next((a.i for a in node.attribute if a.name == "weight_dtype"), onnx.TensorProto.FLOAT)
+        if dtype != onnx.TensorProto.FLOAT:
+            name = onnx.TensorProto.DataType.Name(dtype).lower()
+            return f"its {node.op_type} node {node.name!r} has {name} weights and the native kernels run float32 only"
+    return None
+
+
+def session_options(native: bool | None = None, model=None, **options: Any):
     """An ``onnxruntime.SessionOptions`` with ``options`` set as its attributes and the native
     kernel library registered when wanted and available.
 
@@ -59,6 +92,9 @@ def session_options(native: bool | None = None, **options: Any):
             :mod:`logging`) that says why and how to build it. ``True``: the library is required;
             raise :class:`OnnxVQError` (one line) when it is missing or does not load.
             ``False``: never register it (the bodies run).
+        model: the model the options are for (path, bytes or ``ModelProto``), optional. When
+            given, a model the kernels cannot run (:func:`unsupported_by_library`: float16
+            weights) gets the bodies, as a missing library does (an error with ``native=True``).
         **options: ``SessionOptions`` attributes, e.g. ``intra_op_num_threads=1`` or
             ``graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL``.
 
@@ -66,10 +102,10 @@ def session_options(native: bool | None = None, **options: Any):
 
         >>> opts = session_options(native=False, intra_op_num_threads=2)  # doctest: +SKIP
     """
-    return session_options_with_library(native, **options)[0]
+    return session_options_with_library(native, model, **options)[0]
 
 
-def session_options_with_library(native: bool | None = None, **options: Any):
+def session_options_with_library(native: bool | None = None, model=None, **options: Any):
     """:func:`session_options` and the path of the library registered in them (None when the
     function bodies run), for callers that report which one runs (``onnxvq run``, benchmarks)."""
     import onnxruntime as ort
@@ -86,6 +122,13 @@ def session_options_with_library(native: bool | None = None, **options: Any):
     if native is False:
         return made, None
     path = native_library_path()
+    unsupported = unsupported_by_library(model) if model is not None else None
+    if unsupported is not None:
+        problem = f"the model cannot run on the native kernels ({unsupported})"
+        if native:
+            raise OnnxVQError(f"{problem}; run it without --native / native=True")
+        logger.warning("%s, so the ai.onnxvq ops run their standard-op function bodies", problem)
+        return made, None
     if path is None:
         problem, fix = "the native kernel library is not built", f"build it with `{_BUILD_COMMAND}`"
     else:

@@ -311,3 +311,35 @@ def test_built_library_is_registered_and_runs_the_model(compressed_model, monkey
     done = onnxvq_cli("run", compressed_model, "--native", "--repeat", "2")
     assert done.returncode == 0, done.stderr
     assert f"run by: native library {path}" in done.stdout and "y: float32 (1, 10)" in done.stdout
+
+
+def _float16_model():
+    """A compressed Gemm whose weights and activations are float16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float16)
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "fp16",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 64])],
+                          [numpy_helper.from_array(weight, "W")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    return onnxvq.compress(model, k=16, d=4, min_size=0).to_proto()
+
+
+def test_a_float16_model_runs_its_bodies_instead_of_failing_on_the_kernels(caplog):
+    """The kernels declare float32: with the library registered onnxruntime would refuse a
+    float16 model outright. Given the model, session_options leaves the library out (one
+    warning) or, with native=True, says why in one line."""
+    model = _float16_model()
+    assert "float16" in native_library.unsupported_by_library(model)
+    caplog.set_level(logging.WARNING)
+    options, library = native_library.session_options_with_library(None, model)
+    assert library is None
+    (record,) = _warnings(caplog)
+    assert "float16" in record.getMessage() and "function bodies" in record.getMessage()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.ones((2, 32), np.float16)})[0].shape == (2, 64)
+    with pytest.raises(OnnxVQError, match="float16"):
+        native_library.session_options(native=True, model=model)
+    assert native_library.unsupported_by_library(onnxvq.compress(mlp(), k=16, d=4).to_proto()) is None
