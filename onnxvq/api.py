@@ -21,7 +21,6 @@ import onnx_ir as ir
 
 from onnxvq import channel_scales, ops, quality_guard
 from onnxvq.activations import LayerInputs, capture_inputs
-from onnxvq.row_frequency import capture_row_weights
 from onnxvq.allocation import allocate
 from onnxvq.batchnorm_folding import fold_batch_norms
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
@@ -37,6 +36,7 @@ from onnxvq.layout import WeightLayout
 from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
 from onnxvq.progress import progress as progress_bar
 from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceWithVQOpsPass
+from onnxvq.row_frequency import capture_row_weights
 from onnxvq.summary import LayerReport, Summary, sqnr_db
 from onnxvq.tuning import WeightJob, output_sqnr_db
 from onnxvq.tuning import finetune as finetune_jobs

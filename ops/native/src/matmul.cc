@@ -8,7 +8,6 @@
 namespace onnxvq {
 namespace {
 
-// Lookup tables of one block of subvector positions stay within this many bytes (L2-sized).
 // Lookup tables of one block of subvector positions stay within this many bytes: measured on a
 // 4096 x 4096 MatMul (AMD EPYC, 32 KiB L1d, 1 MiB L2 per core), 128 KiB was fastest up to 16
 // rows per pass and 64 KiB at 32 (where one position's table is already 32 KiB).
@@ -76,8 +75,6 @@ void EncodedMatMul::Run(const EncodedWeight& w, const float* a, int64_t m, float
 
 namespace {
 
-// T_j (k x rows) = C' (k x d) @ X_j (d x rows) for position j, X the pass's activation rows
-// transposed (cols x rows), so the innermost loop runs over the rows (vectorised).
 // Eight floats in a vector register (GCC/Clang vector extensions: AVX with -march=native,
 // SSE pairs otherwise), loaded and stored unaligned.
 typedef float V8 __attribute__((vector_size(32)));
@@ -87,8 +84,9 @@ inline void Store(float* p, V8 v) { *reinterpret_cast<V8u*>(p) = v; }
 inline V8 Broadcast(float x) { return V8{x, x, x, x, x, x, x, x}; }
 
 // T_j[c][i] = sum_t C'[c][jd + t] x_i[jd + t] for one position j (its `len` entries): a k x len
-// by len x R product. cwt is the codebook transposed (d x k). Four vector sums are in flight at
-// a time (one chain would wait on each multiply-add's latency).
+// by len x R product, xt the pass's rows transposed (cols x R). cwt is the codebook transposed
+// (d x k). Four vector sums are in flight at a time (one chain would wait on each multiply-add's
+// latency).
 template <int R>
 void BuildTable(const float* __restrict cwt, int64_t k, const float* __restrict xt, int64_t start, int64_t len,
                 float* __restrict table) {
@@ -186,7 +184,7 @@ void AccumulateRows(const EncodedWeight& w, const float* table, int64_t j0, int6
   }
 }
 
-// One pass of up to kRowsPerPass activation rows, padded to R (a power of two) with zero rows.
+// One pass of up to kRowsPerPass activation rows, padded to R (1, 8, 16 or 32) with zero rows.
 template <int R>
 void LookupPass(const EncodedWeight& w, const float* xt, float* acc, const Ort::KernelContext* context) {
   const int64_t n_out = w.rows(), cols = w.cols(), d = w.d(), k = w.k(), n_sub = w.n_sub();
