@@ -127,12 +127,15 @@ def _gemm_model(rows: int, cols: int, batch: int) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("path", ["tables", "tiles", "auto"])
 @pytest.mark.parametrize("method, options", [("pq", {"k": 256, "d": 8}), ("ssvq", {"k": 64, "d": 4}),
-                                             ("lr2vq", {"k": 256, "d": 8, "rank": 4}), ("pq", {"k": 16, "d": 3})])
+                                             ("ssvq", {"k": 256, "d": 8}), ("lr2vq", {"k": 256, "d": 8, "rank": 4}),
+                                             ("pq", {"k": 16, "d": 3})])
 @pytest.mark.parametrize("batch", [1, 5, 70], ids=["batch1", "batch5", "batch70"])
 def test_compressed_layers_on_either_matmul_path(method, options, batch, path, monkeypatch):
     """A 512 x 4096 Gemm on each path of VQGemm (ONNXVQ_MATMUL_PATH forces one; sign-split
-    weights always take the tiles): 1 row, 5 rows padded to a vector of 8, 70 rows in three
-    passes of the lookup tables; 256-row tiles (1 Mi floats / 4096) cover the outputs twice."""
+    weights always take the decoded path): 1 row, 5 rows padded to a vector of 8, 70 rows in
+    three passes of the lookup tables; 256-row tiles (1 Mi floats / 4096) cover the outputs
+    twice; up to 4 rows the decoded path dots each row as it is decoded (and sign-split weights
+    at d = 8 with 8-bit codes never store it)."""
     monkeypatch.setenv("ONNXVQ_MATMUL_PATH", path)
     model = _gemm_model(512, 4096, batch)
     compressed = onnxvq.compress(model, method=method, scales="on", **options).to_proto()

@@ -203,6 +203,11 @@ struct SignTable {
   }
 };
 
+const SignTable& Signs() {
+  static const SignTable table;
+  return table;
+}
+
 // Row r of M without signs and scales: the codewords of its codes, the last one's tail only.
 template <int Bits>
 void GatherCodewords(const EncodedWeight& w, int64_t r, float* row) {
@@ -226,6 +231,8 @@ void GatherCodewords(const EncodedWeight& w, int64_t r, float* row) {
 
 }  // namespace
 
+const float* SignTable256x8() { return &Signs().values[0][0]; }
+
 void EncodedWeight::DecodeRows(int64_t r0, int64_t r1, float* out) const {
   for (int64_t r = r0; r < r1; ++r) {
     float* row = out + (r - r0) * cols_;
@@ -238,7 +245,7 @@ void EncodedWeight::DecodeRows(int64_t r0, int64_t r1, float* out) const {
     if (signs_ != nullptr) {
       // Eight entries per sign byte at once, through the 256 x 8 table of +-1 (as the bodies
       // do): no branch on data bits, and the multiply vectorises.
-      static const SignTable table;
+      const SignTable& table = Signs();
       const uint8_t* bits = signs_ + r * sign_bytes_;
       const int64_t whole = cols_ / 8;
       for (int64_t b = 0; b < whole; ++b) {

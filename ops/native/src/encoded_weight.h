@@ -15,6 +15,10 @@
 
 namespace onnxvq {
 
+// SIGN_TABLE of onnxvq.ops.signs, 256 x 8: row b holds the eight +-1 factors of sign byte b
+// (-1 where bit t of b is set).
+const float* SignTable256x8();
+
 class EncodedWeight {
  public:
   // `first` is the index of the codes input; the codebook and the extras follow it.
@@ -34,6 +38,7 @@ class EncodedWeight {
   int64_t k() const { return k_; }
   const std::vector<int64_t>& weight_shape() const { return weight_shape_; }
   bool has_signs() const { return signs_ != nullptr; }
+  const uint8_t* sign_row(int64_t r) const { return signs_ + r * sign_bytes_; }  // with has_signs()
   const float* codewords() const { return codewords_.data(); }  // k x d
   const float* codewords_transposed() const { return codewords_t_.data(); }  // d x k
   const float* scales() const { return scales_.empty() ? nullptr : scales_.data(); }

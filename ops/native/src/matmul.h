@@ -24,6 +24,8 @@ class EncodedMatMul {
   void RunLookupTables(const EncodedWeight& w, const float* a, int64_t m, float* y,
                        const Ort::KernelContext& context) const;
   void RunTiles(const EncodedWeight& w, const float* a, int64_t m, float* y, const Ort::KernelContext& context) const;
+  void RunRowByRow(const EncodedWeight& w, const float* a, int64_t m, float* y,
+                   const Ort::KernelContext& context) const;
 
   enum class Path { kAuto, kTables, kTiles };
   Path forced_ = Path::kAuto;
