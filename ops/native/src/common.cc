@@ -146,6 +146,14 @@ void OpAttributes::SetStrings(const char* name, const std::vector<std::string>& 
   attrs_.emplace_back(name, pointers.data(), static_cast<int>(pointers.size()), ORT_OP_ATTR_STRINGS);
 }
 
+Ort::Op CreateStandardOp(const Ort::ConstKernelInfo& info, const char* name, int version, const OpAttributes& attrs,
+                         size_t inputs, size_t outputs) {
+  const char* type_names[] = {"T"};
+  ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  return Ort::Op::Create(info, name, "", version, type_names, types, 1, attrs.values().data(), attrs.values().size(),
+                         inputs, outputs);
+}
+
 namespace {
 
 // Buffers up to this size are kept per thread after use and handed to the next Scratch, so a

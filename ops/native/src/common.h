@@ -49,6 +49,10 @@ class OpAttributes {
   std::vector<Ort::OpAttr> attrs_;
 };
 
+// A standard ONNX op of onnxruntime's own, float32 (type constraint T), for a kernel to invoke.
+Ort::Op CreateStandardOp(const Ort::ConstKernelInfo& info, const char* name, int version, const OpAttributes& attrs,
+                         size_t inputs, size_t outputs);
+
 // Float scratch memory for one kernel call (uninitialised). Buffers up to 4 MiB are reused from
 // a small per-thread pool (at most 12 MiB kept); larger ones are mapped and unmapped directly, so
 // that a decoded weight does not stay in the process's heap (and its RSS) after the call.

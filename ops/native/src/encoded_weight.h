@@ -67,14 +67,9 @@ class EncodedWeight {
   // Code of subvector j of row r.
   inline uint32_t Code(int64_t r, int64_t j) const {
     switch (code_bits_) {
-      case 4: {
-        uint8_t byte = codes8_[r * codes_cols_ + (j >> 1)];
-        return (j & 1) ? (byte >> 4) : (byte & 0x0F);
-      }
-      case 8:
-        return codes8_[r * codes_cols_ + j];
-      default:
-        return codes16_[r * codes_cols_ + j];
+      case 4: return row_codes<4>(r)(j);
+      case 8: return row_codes<8>(r)(j);
+      default: return row_codes<16>(r)(j);
     }
   }
 

@@ -33,10 +33,7 @@ EncodedMatMul::EncodedMatMul(const Ort::ConstKernelInfo& info) {
   attributes.SetInt("transB", 1);
   attributes.SetFloat("alpha", 1.0f);
   attributes.SetFloat("beta", 1.0f);
-  const char* type_names[] = {"T"};
-  ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  gemm_ = Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attributes.values().data(),
-                          attributes.values().size(), 2, 1);
+  gemm_ = CreateStandardOp(info, "Gemm", 13, attributes, 2, 1);
 }
 
 bool EncodedMatMul::UsesLookupTables(const EncodedWeight& w, int64_t m) {

@@ -38,14 +38,6 @@ void DecodeAll(const EncodedWeight& w, bool transposed, float* out, const Ort::K
   });
 }
 
-Ort::Op CreateStandardOp(const Ort::ConstKernelInfo& info, const char* name, int version, const OpAttributes& attrs,
-                         size_t inputs, size_t outputs) {
-  const char* type_names[] = {"T"};
-  ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  return Ort::Op::Create(info, name, "", version, type_names, types, 1, attrs.values().data(), attrs.values().size(),
-                         inputs, outputs);
-}
-
 // ---------------------------------------------------------------------------------------------
 // VQGemm: Y = alpha * A' @ B' + beta * C (B's rows are the N outputs in both layouts).
 class GemmKernel {
