@@ -404,8 +404,13 @@ def open_session(model: ir.Model) -> ort.InferenceSession:
     named after this process, so the next run removes it if this one is killed first."""
     from onnxvq.model_io import save_model, sweep_stale_temp, temp_folder
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures surface as exceptions; no stderr noise
+    # A model with ai.onnxvq nodes (PWLU activations while they are fitted) runs them on the
+    # native kernels when the library is there: their bodies are slow.
+    if any(node.domain == ops.DOMAIN for node in model.graph):
+        options = ops.session_options(native=None, log_severity_level=4)
+    else:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # failures surface as exceptions; no stderr noise
     sweep_stale_temp()
     folder = temp_folder()
     try:

@@ -35,7 +35,7 @@ from onnxvq.model_io import SOURCE_FILES, load_model, model_bytes_without, save_
 from onnxvq.layout import WeightLayout
 from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
 from onnxvq.progress import progress as progress_bar
-from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceWithVQOpsPass
+from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceActivationsWithPWLUPass, ReplaceWithVQOpsPass
 from onnxvq.row_frequency import capture_row_weights
 from onnxvq.summary import LayerReport, Summary, sqnr_db
 from onnxvq.tuning import WeightJob, output_sqnr_db
@@ -174,11 +174,24 @@ def compress(
 
     calibration = None
     learned_rest: dict[str, np.ndarray] = {}
+    activations = None  # PWLUs: fine-tuning fits them (layer) or trains them (e2e)
+    if calib_set is not None and tuning.pwlu is not None and jobs:
+        from onnxvq import pwlu_stage
+
+        intervals, channelwise = tuning.pwlu
+        activations = pwlu_stage.ActivationPlan(pwlu_stage.sites_behind(model, list(jobs.values())),
+                                                intervals, channelwise)
+        if tuning.mode == "e2e":  # start from PWLUs that reproduce the activations
+            activations.fitted = pwlu_stage.fit_activations(
+                model, activations.sites, {job.name: job.decode(job.encoded) for job in jobs.values()}, train,
+                intervals=intervals, channelwise=channelwise, seed=config.seed, progress=progress, refit=False,
+            )
     if calib_set is not None:
         calibration, learned_rest = finetune_jobs(
             model, list(jobs.values()), train, held, tuning, seed=config.seed, progress=progress,
             vectors_per_sample={name: data.count / len(train) for name, data in inputs.items()
                                 if data.row_weights is None},
+            activations=activations,
         )
         calibration.update(samples=len(calib_set), held_back=len(held) if held else 0,
                            data_aware=tuning.data_aware)
@@ -190,6 +203,15 @@ def compress(
         packed = _pack(job, plan) if job else None
         reports += _reports(group, rule, packed, job, inputs.get(group[0].weight.name))
         replacements += [(layer, packed) for layer in group] if packed else []
+
+    if activations is not None:
+        from onnxvq.pwlu_stage import learn_activations
+
+        calibration["activations"], fitted = learn_activations(
+            model, list(jobs.values()), train, held, tuning, calibration["quality"], seed=config.seed,
+            progress=progress, plan=activations)
+        if fitted:
+            ReplaceActivationsWithPWLUPass([(f.site, f.params) for f in fitted])(model)
 
     check = quality_guard.check(
         model, lambda: {job.name: job.decode(job.encoded) for job in jobs.values()},
@@ -224,8 +246,8 @@ def decompress(model: ModelLike) -> ir.Model:
     record is removed and the IR version it recorded is restored.
     """
     model = _as_ir_model(model)
-    if not any(n.domain == ops.DOMAIN for n in iter_nodes(model)):
-        raise OnnxVQError("the model has no ai.onnxvq nodes: it is not compressed by onnxvq")
+    if not any(ops.is_weight_op(n) for n in iter_nodes(model)):
+        raise OnnxVQError("the model has no ai.onnxvq weight nodes: it is not compressed by onnxvq")
     DecompressVQOpsPass()(model)
     provenance = model.metadata_props.pop(PROVENANCE_KEY, None)
     if provenance:

@@ -127,13 +127,14 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=None, help="Calibration samples per step. [default: 32]")
 @click.option("--loss", type=click.Choice(["auto", "kl", "mse"]), default=None, help="e2e distillation loss. [default: auto: kl on a Softmax/Sigmoid output's logits and on class scores, mse otherwise]")
 @click.option("--train-rest", is_flag=True, default=None, help="e2e: also train the other float initializers (biases, norms).")
+@click.option("--activations", default=None, metavar="keep|pwlu[:N][:layer|:channel]", help="With --calib: activations behind encoded layers become learned piecewise-linear PWLUs (N intervals, one function per layer or per channel). [default: keep]")
 @click.option("--weight-only", is_flag=True, help="With --calib, encode from weights alone (ablation).")
 @click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @_user_errors
 def compress(model, output, method, k, d, target_ratio, target_bits, rank, config_path, skip, min_size, seed, codebook_dtype, scales,
              report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
-             train_rest, weight_only, holdout, quiet):
+             train_rest, activations, weight_only, holdout, quiet):
     """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops.
 
     With --calib, each layer is encoded to minimise its output error on the calibration data and
@@ -166,9 +167,14 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, confi
         for key, value in dict(
             mode=finetune, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, loss=loss,
             train_rest=train_rest, holdout=holdout, data_aware=False if weight_only else None,
+            activations=activations,
         ).items()
         if value is not None
     }
+    if activations is not None:
+        from onnxvq.finetune_settings import parse_activations
+
+        parse_activations(activations)  # a typo is named before a missing --calib is
     if calib is None and (tuning or labels):
         raise OnnxVQError("--labels and the fine-tune options need calibration data: add --calib PATH")
     result = compress_model(
@@ -273,7 +279,7 @@ def report(model, baseline, accelerator, overrides, inputs, json_path, plot_path
     if base_model is not None:
         variants["baseline"] = analyze(base_model, input_shapes, profile)
         int8_source = base_model
-    elif any(n.domain == ops.DOMAIN for n in ir_model.graph):
+    elif any(ops.is_weight_op(n) for n in ir_model.graph):
         int8_source = decompress(ir_model)
     else:
         int8_source = ir_model

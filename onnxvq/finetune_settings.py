@@ -20,7 +20,7 @@ from typing import Any
 
 from onnxvq.errors import OnnxVQError
 
-__all__ = ["E2E_MIN_STEPS", "FINETUNE_MODES", "LOSSES", "FinetuneSettings"]
+__all__ = ["E2E_MIN_STEPS", "FINETUNE_MODES", "LOSSES", "PWLU_INTERVALS", "FinetuneSettings", "parse_activations"]
 
 FINETUNE_MODES = ("none", "layer", "e2e")
 LOSSES = ("auto", "kl", "mse")
@@ -28,6 +28,7 @@ LOSSES = ("auto", "kl", "mse")
 # calibration lines: 10 epochs are 20 steps and leave it broken; 200 steps give char_acc 0.84.
 E2E_MIN_STEPS = 200
 DEFAULT_EPOCHS = 10
+PWLU_INTERVALS = 16  # the paper's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,10 @@ class FinetuneSettings:
             held back under 10 samples: then it is measured on the training samples).
         max_rows: input vectors kept per layer for layer-wise training.
         layer_batch_rows: input vectors per step in layer-wise training.
+        activations: ``keep`` (default), or ``pwlu[:N][:layer|:channel]``: activations behind
+            encoded layers become learnable piecewise-linear ones (:mod:`onnxvq.pwlu_stage`),
+            N intervals (default :data:`PWLU_INTERVALS`), one function per layer (default) or
+            per channel.
 
     Example::
 
@@ -74,6 +79,12 @@ class FinetuneSettings:
     holdout: float = 0.1
     max_rows: int = 4096
     layer_batch_rows: int = 256
+    activations: str = "keep"
+
+    @property
+    def pwlu(self) -> tuple[int, bool] | None:
+        """``(intervals, channel-wise)`` when ``activations`` asks for PWLUs, else None."""
+        return parse_activations(self.activations)
 
     @property
     def epoch_count(self) -> int:
@@ -97,6 +108,10 @@ class FinetuneSettings:
             raise OnnxVQError(f"lr must be a positive number (got {self.lr!r})")
         if not 0 <= self.holdout < 1:
             raise OnnxVQError(f"holdout must be in [0, 1) (got {self.holdout!r})")
+        parse_activations(self.activations)
+        if self.pwlu is not None and self.mode == "none":
+            raise OnnxVQError("--activations pwlu is learned from calibration data: give --calib and "
+                              "--finetune layer or e2e")
 
     @classmethod
     def make(cls, value: FinetuneSettings | Mapping[str, Any] | str | None, *, has_calib: bool) -> FinetuneSettings:
@@ -125,3 +140,23 @@ class FinetuneSettings:
                 "or use --finetune none for data-aware encoding without training"
             )
         return settings
+
+
+def parse_activations(text: str) -> tuple[int, bool] | None:
+    """``keep`` -> None; ``pwlu[:N][:layer|:channel]`` -> (N, channel-wise); else a clear error."""
+    if text == "keep":
+        return None
+    parts = text.split(":") if isinstance(text, str) else []
+    intervals, channelwise = PWLU_INTERVALS, False
+    ok = bool(parts) and parts[0] == "pwlu" and len(parts) <= 3
+    for part in parts[1:] if ok else ():
+        if part.isdigit() and 1 <= int(part) <= 1024:
+            intervals = int(part)
+        elif part in ("layer", "channel"):
+            channelwise = part == "channel"
+        else:
+            ok = False
+    if not ok:
+        raise OnnxVQError(f"activations {text!r} is not 'keep' or 'pwlu[:N][:layer|:channel]' "
+                          "(e.g. pwlu:16, pwlu:8:channel; N from 1 to 1024)")
+    return intervals, channelwise

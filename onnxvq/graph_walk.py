@@ -146,6 +146,17 @@ class GraphWalk:
             accumulator.add(x_q, x_o, np.arange(len(x_q)))
         return accumulator.result(self.max_rows)
 
+    def values(self, value: ir.Value, reader: ir.Node, current: Mapping[str, np.ndarray]):
+        """``(original, current)``: per batch, ``value`` as the node ``reader`` reads it in the
+        original and in the current model; None when the walk is already past ``reader`` or
+        ``value`` does not depend on the inputs. Advances the walk to ``reader``."""
+        at = self.position.get(reader)
+        if not self.walkable or at is None or at < self._at or value not in self._dependent:
+            return None
+        self._advance(at, current)
+        return ([self._unpacked(f, value.name) for f in self._frontier_o],
+                [self._unpacked(f, value.name) for f in self._frontier_q])
+
     # -- the walk -------------------------------------------------------------------------------
 
     def _uses(self) -> tuple[dict[ir.Value, int], set[ir.Value]]:

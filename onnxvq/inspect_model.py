@@ -3,7 +3,8 @@
 On any model: the candidate layers (the names configs use, op, weight name, shape, params, bytes)
 and the Conv/Gemm/MatMul nodes left alone with the reason. On a compressed model, also each VQ
 layer with its method, k, d, the low-rank clustering dimension (``rank``, lr2vq), code bits, bits
-per weight (every encoded tensor together: codes, codebook, projection, sign bits) and bytes.
+per weight (every encoded tensor together: codes, codebook, projection, sign bits) and bytes, and
+each PWLU activation with its intervals, parameter groups (1, or one per channel) and bytes.
 """
 
 from __future__ import annotations
@@ -62,11 +63,19 @@ def inspect_model(model: ir.Model) -> dict:
         for l in layers
     ]
     vq_layers = [dataclasses.asdict(info) for info in _vq_layers(model)]
+    pwlu = [
+        {"name": node.name or "PWLU", "input": node.inputs[0].name,
+         "intervals": int(node.inputs[2].shape[0]) - 1 if node.inputs[2].shape is not None else None,
+         "groups": math.prod(node.inputs[1].shape[1:]) if node.inputs[1].shape is not None else None,
+         "bytes": int(sum(v.const_value.nbytes for v in node.inputs[1:] if v is not None and v.const_value is not None))}
+        for node in iter_nodes(model) if node.domain == ops.DOMAIN and node.op_type == ops.pwlu.OP_TYPE
+    ]
     provenance = model.metadata_props.get(PROVENANCE_KEY)
     return {
         "candidates": candidates,
         "left_alone": [dataclasses.asdict(l) for l in left_alone],
         "vq_layers": vq_layers,
+        "pwlu": pwlu,
         "provenance": json.loads(provenance) if provenance else None,
     }
 
@@ -83,6 +92,12 @@ def format_inspection(info: dict) -> str:
         ]
         lines.append(f"VQ layers ({len(rows)}):")
         lines += format_table(("layer", "op", "method", "k", "d", "rank", "code bits", "shape", "params", "bits/weight", "bytes"), rows)
+        lines.append("")
+    if info.get("pwlu"):
+        rows = [(p["name"], p["input"], str(p["intervals"]), str(p["groups"]), format_bytes(p["bytes"]))
+                for p in info["pwlu"]]
+        lines.append(f"PWLU activations ({len(rows)}):")
+        lines += format_table(("node", "input", "intervals", "groups", "bytes"), rows)
         lines.append("")
     rows = [
         (c["name"], c["op_type"], c["weight"], "x".join(map(str, c["shape"])), c["dtype"],
@@ -106,7 +121,7 @@ def _vq_layers(model: ir.Model) -> list[VQLayerInfo]:
     recorded = {name: layer.get("rank") for name, layer in (provenance.get("layers") or {}).items()}
     out = []
     for node in iter_nodes(model):
-        if node.domain != ops.DOMAIN:
+        if not ops.is_weight_op(node):
             continue
         attributes = node.attributes
         names = ops.input_names(node.op_type, node.overload)

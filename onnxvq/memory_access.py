@@ -255,7 +255,7 @@ def analyze(
         if node.op_type == "Constant" and node.domain == "":
             continue
         row = NodeTraffic(_row_name(node, index, names_seen), node.op_type)
-        is_vq = node.domain == ops.DOMAIN
+        is_vq = ops.is_weight_op(node)
         mac_like = is_vq or (node.domain == "" and node.op_type in _MAC_OPS)
         alias = node.outputs[0] if node.outputs and node.outputs[0] in aliases else None
         stored_weight = 0  # the weight operand as stored, for the tiling rule

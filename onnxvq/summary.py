@@ -225,6 +225,8 @@ class Summary:
             lines.append(f"note: {c['fallback']}")
         for stage, quality in c.get("quality", {}).items():
             lines.append(f"  {stage + ':':<12} {quality.format()}")
+        if c.get("activations"):
+            lines.append(f"activations ({c['activations']['method']}): {c['activations']['verdict']}")
         return lines
 
 

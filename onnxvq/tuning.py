@@ -93,8 +93,14 @@ def finetune(
     seed: int,
     progress: bool = False,
     vectors_per_sample: dict[str, float] | None = None,
+    activations: list | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Fine-tune ``jobs`` in place (their ``encoded`` is replaced by the learned one).
+
+    ``activations``: the PWLU plan (:class:`onnxvq.pwlu_stage.ActivationPlan`). Layer-wise, each
+    site's PWLU is fitted right after the layer before it is trained, and the layers after it
+    train on its outputs (``plan.fitted`` is filled); end to end, the PWLUs in ``plan.fitted``
+    train with the weights (their ``params`` are updated in place).
 
     Returns (a JSON-able record: qualities before/after, mode used and why, step counts;
     learned values of other initializers, only with ``train_rest``).
@@ -132,13 +138,24 @@ def finetune(
     try:
         if mode == "layer":
             _layer_wise(model, jobs, modules, train, settings, seed=seed, progress=progress,
-                        vectors_per_sample=vectors_per_sample or {})
+                        vectors_per_sample=vectors_per_sample or {}, activations=activations)
         else:
             from onnxvq.finetune.end_to_end import train_end_to_end
 
+            student, names, trained = None, [], []
+            if activations is not None and activations.kept:
+                from onnxvq.pwlu_stage import trainable_names, with_pwlu
+
+                trained = activations.kept
+                student = with_pwlu(model, trained)
+                names = trainable_names(student, trained)
             record["e2e"], learned_rest = train_end_to_end(
-                model, modules, train, settings, seed=seed, held=held, progress=progress
+                model, modules, train, settings, seed=seed, held=held, progress=progress,
+                student=student, extra_trainable=[n for pair in names for n in pair],
             )
+            for fitted, (knots, slopes) in zip(trained, names):
+                fitted.params.knots = learned_rest.pop(knots).reshape(len(fitted.params.knots), -1).astype(np.float64)
+                fitted.params.slopes = learned_rest.pop(slopes).reshape(2, -1).astype(np.float64)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
     for job in jobs:
@@ -148,7 +165,7 @@ def finetune(
     return record, learned_rest
 
 
-def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vectors_per_sample) -> None:
+def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vectors_per_sample, activations=None) -> None:
     """Gauss-Seidel over the layers in graph order: each layer's inputs are captured from the
     model as it stands (earlier layers already fine-tuned, later ones encoded), then it trains.
 
@@ -159,7 +176,6 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vector
     the whole model, on the samples they need.
     """
 
-    from onnxvq.finetune.layerwise import train_layer
     from onnxvq.graph_walk import GraphWalk
 
     def needed(job: WeightJob) -> int:
@@ -167,11 +183,39 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vector
         return max(16, math.ceil(2 * settings.max_rows / per_sample))
 
     current = {job.name: job.decode(job.encoded) for job in jobs}
-    walk = GraphWalk(
-        model, train.subset(max(needed(job) for job in jobs)),
-        weights={job.name: job.group[0].weight_array() for job in jobs},
-        max_rows=settings.max_rows, batch_size=settings.batch_size, seed=seed,
-    )
+    switches = None
+    if activations is not None and activations.sites:
+        from onnxvq.pwlu_stage import SwitchedActivations
+
+        activations.fitted = []
+        switches = SwitchedActivations(model, activations.sites, activations.intervals, activations.channelwise)
+    try:
+        walk = GraphWalk(
+            model, train.subset(max(needed(job) for job in jobs)),
+            weights={**{job.name: job.group[0].weight_array() for job in jobs}, **(switches.original if switches else {})},
+            max_rows=settings.max_rows, batch_size=settings.batch_size, seed=seed,
+        )
+        _train_layers(walk, model, jobs, modules, train, settings, current, needed, switches, activations,
+                      seed=seed, progress=progress)
+    finally:
+        if switches is not None:
+            switches.remove()
+    logger.info("layer-wise: %d graph segments run, frontiers up to %.0f MiB", walk.segments_run,
+                walk.frontier_bytes / 2**20)
+
+
+def _train_layers(walk, model, jobs, modules, train, settings, current, needed, switches, activations, *, seed,
+                  progress) -> None:
+    """The loop of :func:`_layer_wise`: each layer captured and trained in graph order, and the
+    PWLU of each activation site behind it fitted from the walk right after it."""
+    from onnxvq.finetune.layerwise import train_layer
+
+    behind: dict[int, list] = {}
+    for site in activations.sites if switches is not None else []:
+        for job in jobs:
+            if any(layer.node is site.layer_node for layer in job.group):
+                behind.setdefault(id(job), []).append(site)
+    rng = np.random.default_rng(seed)
     with progress_bar(total=len(jobs), desc="fine-tuning layers", unit="layer", enabled=progress) as bar:
         for job in jobs:
             if walk.follows(job.group):
@@ -199,9 +243,30 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vector
                 job.finetune_stats.update(stats)
                 current[job.name] = job.decode(modules[job.name].to_encoded())
                 bar.set_postfix(loss=f"{stats['loss_after']:.4g}", refresh=False)
+            for site in behind.get(id(job), []):
+                _fit_site_from_walk(walk, site, current, switches, activations, rng)
             bar.update()
-    logger.info("layer-wise: %d graph segments run, frontiers up to %.0f MiB", walk.segments_run,
-                walk.frontier_bytes / 2**20)
+
+
+def _fit_site_from_walk(walk, site, current, switches, activations, rng) -> None:
+    """Fit ``site``'s PWLU on its inputs as the walk sees them now (the layer before it just
+    trained); switch it on for what follows when it lowers the error."""
+    from onnxvq.pwlu_stage import CAPTURE_VALUES, as_rows, fit_site
+
+    values = walk.values(site.input, site.nodes[0], current)
+    if values is None:  # the walk is past it (a branch ordered earlier): the activation stays
+        return
+    rows_o, rows_q = [], []
+    for x_o, x_q in zip(*values):
+        o, q = as_rows(x_o, site, activations.channelwise), as_rows(x_q, site, activations.channelwise)
+        per_batch = -(-CAPTURE_VALUES // o.shape[1] // len(values[0]))
+        pick = rng.choice(len(o), size=min(per_batch, len(o)), replace=False)
+        rows_o.append(o[pick])
+        rows_q.append(q[pick])
+    fitted = fit_site(site, np.concatenate(rows_q), np.concatenate(rows_o), activations.intervals, rng)
+    activations.fitted.append(fitted)
+    if fitted.kept:
+        current.update(switches.feeds(fitted))
 
 
 def _quality(model, jobs, samples, reference, rest: dict[str, np.ndarray] | None = None) -> OutputQuality:

@@ -1,8 +1,9 @@
 """The ``ai.onnxvq`` custom ops (version 1), one module per op.
 
-Each op module states its math, gives the numpy ``decode`` (built on the single definition in
+Each weight op module states its math, gives the numpy ``decode`` (built on the single definition in
 :mod:`onnxvq.ops.vq_weight`), an ``onnx.reference`` kernel (``OpRun`` subclass), the standard-op
-function body (``function(variant, opset)``) and conformance ``CASES``.
+function body (``function(variant, opset)``) and conformance ``CASES``. :mod:`~onnxvq.ops.pwlu`
+is the one op that encodes no weight (a learnable activation): its body is ``function(opset)``.
 
 Running the bodies in ``onnx.reference``: :func:`inline_bodies` first. ``onnx.reference``
 (onnx 1.23) cannot run a model-local function as called, for three reasons no body can work
@@ -21,7 +22,7 @@ from types import ModuleType
 import onnx
 import onnx.inliner
 
-from onnxvq.ops import vq_conv, vq_conv_transpose, vq_gather, vq_gemm, vq_matmul, vq_recurrent, vq_weight
+from onnxvq.ops import pwlu, vq_conv, vq_conv_transpose, vq_gather, vq_gemm, vq_matmul, vq_recurrent, vq_weight
 from onnxvq.ops.native_library import native_library_path, session_options
 from onnxvq.ops.vq_weight import DOMAIN, MIN_OPSET, VERSION, Variant
 
@@ -30,7 +31,9 @@ __all__ = [
     "MIN_OPSET",
     "VERSION",
     "Variant",
+    "function_body",
     "inline_bodies",
+    "is_weight_op",
     "input_names",
     "native_library_path",
     "op_for_consumer",
@@ -59,6 +62,19 @@ def op_module(vq_op_type: str) -> ModuleType:
     return _BY_OP_TYPE[vq_op_type]
 
 
+def is_weight_op(node) -> bool:
+    """Whether an ``ai.onnxvq`` node (onnx-ir or proto) stands for an encoded weight's consumer
+    (every op but :mod:`~onnxvq.ops.pwlu`)."""
+    return node.domain == DOMAIN and node.op_type in _BY_OP_TYPE
+
+
+def function_body(op_type: str, overload: str, opset: int) -> onnx.FunctionProto:
+    """The standard-op body of an ``ai.onnxvq`` op (and overload) at a default-domain opset."""
+    if op_type == pwlu.OP_TYPE:
+        return pwlu.function(opset)
+    return op_module(op_type).function(vq_weight.Variant.from_overload(overload), opset)
+
+
 def input_names(vq_op_type: str, overload: str) -> list[str]:
     """Input names, in node order, of a VQ node of this op type and overload."""
     return op_module(vq_op_type).input_names(vq_weight.node_variant(overload))
@@ -76,7 +92,7 @@ def reference_ops() -> list[type]:
     """``OpRun`` classes for ``onnx.reference.ReferenceEvaluator(model, new_ops=...)``."""
     recurrent = [op.reference_op() for op in (vq_recurrent.LSTM, vq_recurrent.GRU, vq_recurrent.RNN)]
     return [vq_conv.VQConv, vq_conv_transpose.VQConvTranspose, vq_gemm.VQGemm, vq_matmul.VQMatMul,
-            vq_gather.VQGather, *recurrent]
+            vq_gather.VQGather, *recurrent, pwlu.PWLU]
 
 
 def inline_bodies(model: onnx.ModelProto) -> onnx.ModelProto:

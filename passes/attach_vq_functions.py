@@ -41,8 +41,7 @@ class AttachVQFunctionsPass(ir.passes.InPlacePass):
             identifier = (ops.DOMAIN, op_type, overload)
             if identifier in model.functions:
                 continue
-            variant = ops.Variant.from_overload(overload)
-            proto = ops.op_module(op_type).function(variant, opset)
+            proto = ops.function_body(op_type, overload, opset)
             model.functions[identifier] = ir.serde.deserialize_function(proto)
             logger.debug("attached function %s.%s (%s)", ops.DOMAIN, op_type, overload)
         model.opset_imports[ops.DOMAIN] = ops.VERSION

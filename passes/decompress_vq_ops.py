@@ -27,7 +27,7 @@ class DecompressVQOpsPass(ir.passes.InPlacePass):
     """Replace every VQ node by its dense standard-op twin; see the module docstring."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        vq_nodes = [n for n in iter_nodes(model) if n.domain == ops.DOMAIN]
+        vq_nodes = [n for n in iter_nodes(model) if ops.is_weight_op(n)]
         taken = value_names(model)
         dense: dict[ir.Value, list[ir.Value]] = {}
         encoded_values: set[ir.Value] = set()
@@ -54,10 +54,13 @@ class DecompressVQOpsPass(ir.passes.InPlacePass):
             replace_node(node, "", op.CONSUMER, new_inputs, list(attributes.values()))
         for value in encoded_values:
             remove_if_dead(value)
-        removed_functions = [key for key in model.functions if key[0] == ops.DOMAIN]
+        # PWLU activations are not weight encodings: they stay, with their bodies and the domain.
+        kept = {(n.op_type, n.overload) for n in iter_nodes(model) if n.domain == ops.DOMAIN}
+        removed_functions = [key for key in model.functions if key[0] == ops.DOMAIN and key[1:] not in kept]
         for key in removed_functions:
             del model.functions[key]
-        model.opset_imports.pop(ops.DOMAIN, None)
+        if not kept:
+            model.opset_imports.pop(ops.DOMAIN, None)
         return ir.passes.PassResult(model, modified=bool(vq_nodes or removed_functions))
 
 

@@ -57,8 +57,15 @@ ABLATION: list[dict] = [
 ]
 
 # mode -> (uses calibration data, finetune argument)
-MODES = {"none": (False, None), "data": (True, "none"), "layer": (True, "layer"), "e2e": (True, "e2e")}
-MODE_LABELS = {"none": "no data", "data": "data-aware", "layer": "layer", "e2e": "e2e"}
+MODES = {"none": (False, None), "data": (True, "none"), "layer": (True, "layer"), "e2e": (True, "e2e"),
+         # issue 15: the same fine-tuning with activations turned into PWLUs (--activations)
+         "layer_pwlu": (True, {"mode": "layer", "activations": "pwlu"}),
+         "layer_pwlu_ch": (True, {"mode": "layer", "activations": "pwlu:8:channel"}),
+         "e2e_pwlu": (True, {"mode": "e2e", "activations": "pwlu"}),
+         "e2e_pwlu_ch": (True, {"mode": "e2e", "activations": "pwlu:8:channel"})}
+MODE_LABELS = {"none": "no data", "data": "data-aware", "layer": "layer", "e2e": "e2e",
+               "layer_pwlu": "layer + pwlu", "layer_pwlu_ch": "layer + pwlu:8:channel",
+               "e2e_pwlu": "e2e + pwlu", "e2e_pwlu_ch": "e2e + pwlu:8:channel"}
 
 # task modules, in table order
 TASKS = ["det_ppocr", "cls_ppocr", "rec_ppocr", "ddddocr_det", "ddddocr_ocr", "vad_silero", "vad_silero_half", "sample_digits"]
@@ -354,7 +361,8 @@ def plot(results, path):
     rows = math.ceil(len(models) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * max(cols, 2), 4.2 * rows + 0.6), squeeze=False)
     colors = {"pq": "tab:blue", "lr2vq": "tab:green", "ssvq": "tab:purple"}
-    markers = {"none": "o", "data": "^", "layer": "s", "e2e": "D"}
+    markers = {"none": "o", "data": "^", "layer": "s", "e2e": "D", "layer_pwlu": "P", "layer_pwlu_ch": "p",
+               "e2e_pwlu": "v", "e2e_pwlu_ch": "<"}
     for ax, (name, entry) in zip(axes.flat, models):
         m = entry["metric"]
         for r in entry["rows"]:

@@ -84,8 +84,15 @@ def train_end_to_end(
     seed: int,
     held: CalibrationSet | None = None,
     progress: bool = False,
+    student: ir.Model | None = None,
+    extra_trainable: list[str] = (),
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Train ``modules`` (weight name -> module; the dict's values are replaced by the kept ones).
+
+    ``student``: the graph that trains, when it is not ``model`` (``model`` with PWLU activations,
+    :mod:`onnxvq.pwlu_stage`); the teacher is always ``model``. ``extra_trainable``: initializer
+    names of the student that train too (PWLU knots and slopes) and come back in the learned
+    values.
 
     With ``held`` samples, the distillation loss on them is measured before training and
     :data:`HELD_CHECKS` times during it, and the modules (and ``train_rest`` tensors) of the
@@ -96,20 +103,23 @@ def train_end_to_end(
     Returns (stats, learned other initializers: name -> array, empty unless ``train_rest``).
     """
     torch.manual_seed(seed)
-    rest = _other_float_initializers(model, set(modules)) if settings.train_rest else []
+    student = model if student is None else student
+    rest = _other_float_initializers(student, set(modules)) if settings.train_rest else []
+    rest = list(dict.fromkeys([*rest, *extra_trainable]))
     compared, targets = _compared_model(model, settings.loss)
     teacher = run_model(compared, calib)
     targets = [(t or _plain_target(teacher[0][o])) if teacher[0][o].dtype.kind == "f" else None
                for o, t in enumerate(targets)]
-    graph = TorchGraph(compared, trainable=rest)
+    trained = compared if student is model else _compared_model(student, settings.loss)[0]
+    graph = TorchGraph(trained, trainable=rest)
     graph.train()
-    weights = values_by_name(compared.graph)
 
     def overrides_now() -> dict[str, torch.Tensor]:
         """Each module's dense weight, where the graph reads it (a recurrent op's W and R apart)."""
         return {value.name: part for name, module in modules.items() for value, part in weight_feeds(weights[name], module())}
 
     held_teacher = run_model(compared, held) if held is not None and len(held.samples) else None
+    weights = values_by_name(trained.graph)
 
     def held_loss() -> float:
         with torch.no_grad():

@@ -14,6 +14,7 @@
 
 #include "encoded_weight.h"
 #include "matmul.h"
+#include "pwlu.h"
 #include "shapes.h"
 
 namespace onnxvq {
@@ -418,7 +419,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     static bool added = false;
     if (!added) {
       for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{&gemm, &matmul, &conv, &conv_transpose, &gather,
-                                                                  &lstm, &gru, &rnn}) {
+                                                                  &lstm, &gru, &rnn, PWLUCustomOp()}) {
         domain.Add(op);
       }
       added = true;
