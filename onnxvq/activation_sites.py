@@ -1,8 +1,10 @@
 """Which activations a PWLU can stand in for, and what function each one computes.
 
-A *site* is an activation in the main graph that reads the output of an encoded layer (directly,
-or through ``Add`` / ``BatchNormalization`` nodes that read nothing else computed: a bias, a
-folded norm), on float32 values:
+A *site* is an activation in the main graph that reads the output of a layer of the model
+(:mod:`onnxvq.candidates`: a Conv, ConvTranspose, Gemm or MatMul with a constant weight, encoded
+or left dense, which passes on the error of the layers before it), directly or through
+``Add`` / ``BatchNormalization`` / ``Identity`` nodes that read nothing else computed (a bias, a
+norm, an exporter's identity), on float32 values:
 
 | pattern | f(x) | kinks | exact as a PWLU |
 |---|---|---|---|
@@ -34,7 +36,7 @@ from onnxvq.candidates import Layer, constant_tensor
 
 __all__ = ["ActivationSite", "find_sites"]
 
-_PASS_THROUGH = ("Add", "BatchNormalization")
+_PASS_THROUGH = ("Add", "BatchNormalization", "Identity")
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,14 +60,13 @@ class ActivationSite:
     channel_axis: int | None  # None: the layer's channel axis is not known (layer-wise only)
     channels: int
     param_shape: tuple[int, ...]
-    layer_node: ir.Node  # the encoded layer whose output the activation reads
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.function(x)
 
 
 def find_sites(model: ir.Model, layers: list[Layer]) -> list[ActivationSite]:
-    """The sites behind ``layers`` (encoded layers of the main graph), in graph order."""
+    """The sites behind ``layers`` (layers of the main graph), in graph order."""
     produced_by = {}
     for layer in layers:
         if layer.node.graph is model.graph and layer.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
@@ -95,7 +96,7 @@ def _site(node: ir.Node, produced_by: dict[ir.Value, Layer], graph: ir.Graph) ->
     name = nodes[-1].name or f"{kind}:{output.name}"
     return ActivationSite(name=name, kind=kind, nodes=nodes, input=x, output=output, kinks=kinks,
                           piecewise_linear=linear, function=fn, channel_axis=axis, channels=channels,
-                          param_shape=shape, layer_node=layer.node)
+                          param_shape=shape)
 
 
 def _form(node: ir.Node, graph: ir.Graph):

@@ -179,8 +179,7 @@ def compress(
         from onnxvq import pwlu_stage
 
         intervals, channelwise = tuning.pwlu
-        activations = pwlu_stage.ActivationPlan(pwlu_stage.sites_behind(model, list(jobs.values())),
-                                                intervals, channelwise)
+        activations = pwlu_stage.ActivationPlan(pwlu_stage.sites_behind(model, layers), intervals, channelwise)
         if tuning.mode == "e2e":  # start from PWLUs that reproduce the activations
             activations.fitted = pwlu_stage.fit_activations(
                 model, activations.sites, {job.name: job.decode(job.encoded) for job in jobs.values()}, train,
@@ -204,6 +203,7 @@ def compress(
         reports += _reports(group, rule, packed, job, inputs.get(group[0].weight.name))
         replacements += [(layer, packed) for layer in group] if packed else []
 
+    pwlu_bytes = 0
     if activations is not None:
         from onnxvq.pwlu_stage import learn_activations
 
@@ -212,6 +212,7 @@ def compress(
             progress=progress, plan=activations)
         if fitted:
             ReplaceActivationsWithPWLUPass([(f.site, f.params) for f in fitted])(model)
+            pwlu_bytes = calibration["activations"]["parameter_bytes"]
 
     check = quality_guard.check(
         model, lambda: {job.name: job.decode(job.encoded) for job in jobs.values()},
@@ -231,7 +232,8 @@ def compress(
         layers=reports,
         left_alone=[dataclasses.asdict(l) for l in left_alone],
         total_float_params=total_float_params,
-        literature_bytes=_literature_bytes(total_float_params, replacements),
+        # PWLU parameters are new tensors of the model: counted like any uncompressed one
+        literature_bytes=_literature_bytes(total_float_params, replacements) + pwlu_bytes,
         calibration=calibration,
         check=check,
         batch_norms_folded=batch_norms_folded,

@@ -1,4 +1,4 @@
-"""The PWLU step of ``compress --activations pwlu``: activations behind encoded layers become
+"""The PWLU step of ``compress --activations pwlu``: activations behind the model's layers become
 learnable piecewise-linear functions that win back part of what quantization took.
 
 1. **Capture.** Each site's input (:mod:`onnxvq.activation_sites`) is tapped at the same random
@@ -271,11 +271,11 @@ def _gain_db(before: float, after: float) -> float | None:
     return round(10 * math.log10(before / after), 3)
 
 
-def sites_behind(model: ir.Model, jobs: list) -> list[ActivationSite]:
-    """The activation sites behind the layers of ``jobs`` (encoded weights)."""
+def sites_behind(model: ir.Model, layers: list) -> list[ActivationSite]:
+    """The activation sites behind ``layers`` (every layer of the model, encoded or not)."""
     from onnxvq.activation_sites import find_sites
 
-    return find_sites(model, [layer for job in jobs for layer in job.group])
+    return find_sites(model, layers)
 
 
 def learn_activations(
@@ -324,5 +324,6 @@ def learn_activations(
         return record, []
     qualities["with PWLU"] = after
     record["verdict"] = f"{len(kept)} of {len(sites)} activations replaced by PWLUs"
-    record["parameter_bytes"] = int(sum(4 * (f.params.bounds.size * 2 + f.params.knots.size) for f in kept))
+    record["parameter_bytes"] = int(sum(4 * (f.params.bounds.size + f.params.knots.size + f.params.slopes.size)
+                                        for f in kept))  # float32, as written
     return record, kept

@@ -226,7 +226,9 @@ class Summary:
         for stage, quality in c.get("quality", {}).items():
             lines.append(f"  {stage + ':':<12} {quality.format()}")
         if c.get("activations"):
-            lines.append(f"activations ({c['activations']['method']}): {c['activations']['verdict']}")
+            a = c["activations"]
+            size = f" ({format_bytes(a['parameter_bytes'])} of parameters)" if a.get("parameter_bytes") else ""
+            lines.append(f"activations ({a['method']}): {a['verdict']}{size}")
         return lines
 
 

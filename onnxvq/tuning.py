@@ -210,14 +210,20 @@ def _train_layers(walk, model, jobs, modules, train, settings, current, needed, 
     PWLU of each activation site behind it fitted from the walk right after it."""
     from onnxvq.finetune.layerwise import train_layer
 
-    behind: dict[int, list] = {}
-    for site in activations.sites if switches is not None else []:
-        for job in jobs:
-            if any(layer.node is site.layer_node for layer in job.group):
-                behind.setdefault(id(job), []).append(site)
+    # Sites in the walk's order; each is fitted once the walk reaches it, before the next layer's
+    # inputs are captured (so that layer trains on its outputs), the last ones after the loop.
+    pending = sorted(activations.sites if switches is not None else [],
+                     key=lambda site: walk.position.get(site.nodes[0], -1))
     rng = np.random.default_rng(seed)
+
+    def fit_sites_before(position: float) -> None:
+        while pending and walk.position.get(pending[0].nodes[0], -1) < position:
+            _fit_site_from_walk(walk, pending.pop(0), current, switches, activations, rng)
+
     with progress_bar(total=len(jobs), desc="fine-tuning layers", unit="layer", enabled=progress) as bar:
         for job in jobs:
+            if walk.follows(job.group):
+                fit_sites_before(walk.position[job.group[0].node])
             if walk.follows(job.group):
                 data: LayerInputs | None = walk.inputs(job.group, current)
             else:
@@ -243,14 +249,14 @@ def _train_layers(walk, model, jobs, modules, train, settings, current, needed, 
                 job.finetune_stats.update(stats)
                 current[job.name] = job.decode(modules[job.name].to_encoded())
                 bar.set_postfix(loss=f"{stats['loss_after']:.4g}", refresh=False)
-            for site in behind.get(id(job), []):
-                _fit_site_from_walk(walk, site, current, switches, activations, rng)
             bar.update()
+    fit_sites_before(math.inf)
 
 
 def _fit_site_from_walk(walk, site, current, switches, activations, rng) -> None:
-    """Fit ``site``'s PWLU on its inputs as the walk sees them now (the layer before it just
-    trained); switch it on for what follows when it lowers the error."""
+    """Fit ``site``'s PWLU on its inputs as the walk sees them now (every layer before it
+    trained, every PWLU before it in place); switch it on for what follows when it lowers the
+    error."""
     from onnxvq.pwlu_stage import CAPTURE_VALUES, as_rows, fit_site
 
     values = walk.values(site.input, site.nodes[0], current)
