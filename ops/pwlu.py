@@ -73,64 +73,86 @@ def pwlu(x: np.ndarray, bounds: np.ndarray, knots: np.ndarray, slopes: np.ndarra
 
 
 def function(opset: int) -> onnx.FunctionProto:
-    """The standard-op body: the interval index ``i`` gathers both knot values from the
-    flattened knots (knot ``j`` of channel ``c`` at ``j * C + c``), ``Where`` picks the tails."""
+    """The standard-op body. Every piece of ``f`` is a line ``A_j x + B_j``: j = 0 the left
+    tail, j = 1..N the intervals, j = N + 1 the right tail. The body builds the (N+2, *P)
+    tables of A and B from the parameters (small tensors, constant-folded by a runtime when they
+    are initializers), then per element needs only ``j = clip(floor(t) + 1, 0, N + 1)`` and one
+    gather of each table (line ``j`` of channel ``c`` at ``j * C + c``): about a third of the
+    elementwise work of interpolating between two gathered knots and picking the tails."""
     if opset < MIN_OPSET:
         raise ValueError(f"PWLU's body needs opset >= {MIN_OPSET}, got {opset}")
     body = [
         "zero = Constant <value = int64 {0}> ()",
         "one = Constant <value = int64 {1}> ()",
         "last = Constant <value = int64 {-1}> ()",
+        "zero_1d = Constant <value = int64[1] {0}> ()",
         "one_1d = Constant <value = int64[1] {1}> ()",
+        "last_1d = Constant <value = int64[1] {-1}> ()",
         "flat_shape = Constant <value = int64[1] {-1}> ()",
         "big = Constant <value = int64[1] {9223372036854775807}> ()",
         "zero_f = Constant <value = float {0}> ()",
+        "one_f = Constant <value = float {1}> ()",
         "lo = Gather <axis = 0> (bounds, zero)",
         "hi = Gather <axis = 0> (bounds, one)",
-        "k_left = Gather <axis = 0> (slopes, zero)",
-        "k_right = Gather <axis = 0> (slopes, one)",
-        "y_first = Gather <axis = 0> (knots, zero)",
-        "y_last = Gather <axis = 0> (knots, last)",
-        # N and the channel count C (the size of P)
+        # N, the knot positions x_i = lo + i (hi - lo) / N, and the channel count C (P's size)
         "knots_shape = Shape (knots)",
         "n_knots = Gather <axis = 0> (knots_shape, zero)",
         "n_int = Sub (n_knots, one)",
         "n = Cast <to = 1> (n_int)",
-        "last_interval_int = Sub (n_int, one)",
-        "last_interval = Cast <to = 1> (last_interval_int)",
-        "channels = Size (lo)",
+        "width = Sub (hi, lo)",
+        "scale = Div (n, width)",
+        "step = Div (width, n)",
         "p_shape = Slice (knots_shape, one_1d, big)",
+        "index_range = Range (zero, n_knots, one)",
+        "index_f = Cast <to = 1> (index_range)",
+        "p_rank = Shape (p_shape)",
+        "ones = ConstantOfShape <value = int64[1] {1}> (p_rank)",
+        "column_shape = Concat <axis = 0> (flat_shape, ones)",
+        "index_column = Reshape (index_f, column_shape)",
+        "offsets = Mul (index_column, step)",
+        "positions = Add (offsets, lo)",
+        # interval lines: A_i = (Y_(i+1) - Y_i) / h, B_i = Y_i - A_i x_i
+        "y_left = Slice (knots, zero_1d, last_1d)",
+        "y_right = Slice (knots, one_1d, big)",
+        "x_left = Slice (positions, zero_1d, last_1d)",
+        "rise = Sub (y_right, y_left)",
+        "a_inside = Div (rise, step)",
+        "ax_inside = Mul (a_inside, x_left)",
+        "b_inside = Sub (y_left, ax_inside)",
+        # tails: A = K, B = Y_0 - K_L B_L and Y_N - K_R B_R
+        "k_left = Slice (slopes, zero_1d, one_1d)",
+        "k_right = Slice (slopes, one_1d, big)",
+        "y_first = Slice (knots, zero_1d, one_1d)",
+        "y_last = Slice (knots, last_1d, big)",
+        "lo_row = Slice (bounds, zero_1d, one_1d)",
+        "hi_row = Slice (bounds, one_1d, big)",
+        "kx_left = Mul (k_left, lo_row)",
+        "b_left = Sub (y_first, kx_left)",
+        "kx_right = Mul (k_right, hi_row)",
+        "b_right = Sub (y_last, kx_right)",
+        "a_table = Concat <axis = 0> (k_left, a_inside, k_right)",
+        "b_table = Concat <axis = 0> (b_left, b_inside, b_right)",
+        "a_flat = Reshape (a_table, flat_shape)",
+        "b_flat = Reshape (b_table, flat_shape)",
+        "channels = Size (lo)",
         "channel_range = Range (zero, channels, one)",
         "channel = Reshape (channel_range, p_shape)",
-        # interval coordinate t; a NaN (never equal to itself) indexes interval 0 and stays NaN
+        "n_plus_one = Add (n, one_f)",
+        # the line of each element; a NaN (never equal to itself) reads line 0 and stays NaN
         "offset = Sub (X, lo)",
-        "width = Sub (hi, lo)",
-        "unit = Div (offset, width)",
-        "t = Mul (unit, n)",
+        "t = Mul (offset, scale)",
         "is_number = Equal (t, t)",
         "t_safe = Where (is_number, t, zero_f)",
         "t_floor = Floor (t_safe)",
-        "i_float = Clip (t_floor, zero_f, last_interval)",
-        "frac = Sub (t, i_float)",
-        "i = Cast <to = 7> (i_float)",
-        "row_start = Mul (i, channels)",
+        "t_line = Add (t_floor, one_f)",
+        "j_float = Clip (t_line, zero_f, n_plus_one)",
+        "j = Cast <to = 7> (j_float)",
+        "row_start = Mul (j, channels)",
         "at = Add (row_start, channel)",
-        "at_next = Add (at, channels)",
-        "flat = Reshape (knots, flat_shape)",
-        "y0 = Gather <axis = 0> (flat, at)",
-        "y1 = Gather <axis = 0> (flat, at_next)",
-        "rise = Sub (y1, y0)",
-        "step = Mul (frac, rise)",
-        "inside = Add (y0, step)",
-        "left_run = Mul (offset, k_left)",
-        "below = Add (left_run, y_first)",
-        "past = Sub (X, hi)",
-        "right_run = Mul (past, k_right)",
-        "above = Add (right_run, y_last)",
-        "is_below = Less (X, lo)",
-        "is_above = Greater (X, hi)",
-        "upper = Where (is_above, above, inside)",
-        "Y = Where (is_below, below, upper)",
+        "a = Gather <axis = 0> (a_flat, at)",
+        "b = Gather <axis = 0> (b_flat, at)",
+        "ax = Mul (a, X)",
+        "Y = Add (ax, b)",
     ]
     text = (
         f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
