@@ -337,3 +337,40 @@ def test_inspect_lists_the_pwlus(compressed, tmp_path):
     info = json.loads(done.stdout)
     assert {p["name"] for p in info["pwlu"]} == {n.name for n in proto.graph.node if n.op_type == "PWLU"}
     assert all(p["intervals"] == 8 and p["groups"] in (16, 10) for p in info["pwlu"])
+
+
+def test_switched_activations_run_either_function_and_leave_nothing_behind():
+    from onnxvq.activations import run_model
+    from onnxvq.calibration import load_calibration
+    from onnxvq.pwlu_stage import FittedActivation, SwitchedActivations
+
+    proto = activation_zoo()
+    model = ir.serde.deserialize_model(proto)
+    before = ir.serde.serialize_model(model).SerializeToString()
+    layers, _ = find_layers(model)
+    sites = find_sites(model, layers)
+    switches = SwitchedActivations(model, sites, 8, channelwise=True)
+    samples = load_calibration(feeds(4, 9), model)
+    reference = run_model(ir.serde.deserialize_model(proto), samples)
+    off = run_model(model, samples)  # every switch off: the original model
+    np.testing.assert_allclose(np.concatenate([o[0] for o in off]), np.concatenate([r[0] for r in reference]),
+                               rtol=1e-6, atol=1e-6)
+    # one switch on, with a PWLU that is not the activation: only that site changes
+    params = initial_parameters(lambda x: np.maximum(x, 0), (0.0,), np.full(16, -2.0), np.full(16, 2.0), 8)
+    params.knots = params.knots * 0.5
+    fitted = FittedActivation(site=sites[0], params=params, error_original=1.0, error_pwlu=0.5, groups_fitted=16)
+    on = run_model(model, samples, quantized=switches.feeds(fitted))
+    expected = with_pwlu_reference(proto, sites[0].name, params)
+    np.testing.assert_allclose(np.concatenate([o[0] for o in on]),
+                               np.concatenate([run_ort(expected, f)[0] for f in feeds(4, 9)]), rtol=1e-5, atol=1e-5)
+    switches.remove()
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def with_pwlu_reference(proto, site_name, params):
+    model = ir.serde.deserialize_model(proto)
+    layers, _ = find_layers(model)
+    site = next(s for s in find_sites(model, layers) if s.name == site_name)
+    ReplaceActivationsWithPWLUPass([(site, params)])(model)
+    AttachVQFunctionsPass()(model)
+    return ir.serde.serialize_model(model)
