@@ -77,7 +77,8 @@ class FittedActivation:
 
     @property
     def kept(self) -> bool:
-        return not self.refit or self.error_pwlu < self.error_original
+        """Trained end to end, or fitted in some group and better than the activation there."""
+        return not self.refit or (self.groups_fitted > 0 and self.error_pwlu < self.error_original)
 
     def record(self) -> dict:
         return {"kind": self.site.kind, "groups": int(self.params.bounds.shape[1]),
