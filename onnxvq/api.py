@@ -234,6 +234,7 @@ def compress(
         total_float_params=total_float_params,
         # PWLU parameters are new tensors of the model: counted like any uncompressed one
         literature_bytes=_literature_bytes(total_float_params, replacements) + pwlu_bytes,
+        shared_codebooks=_shared_codebooks(replacements),
         calibration=calibration,
         check=check,
         batch_norms_folded=batch_norms_folded,
@@ -398,7 +399,7 @@ def _encode(group: list[Layer], plan: LayerPlan, config: CompressConfig, inputs:
 
     encoded = channel_scales.encode(
         method, weight32, transposed=transposed, row_axes=row_axes, params=plan.params, seed=weight_seed,
-        inputs=inputs, scales=plan.scales, decode=decode,
+        inputs=inputs, scales=method.forced_scales or plan.scales, decode=decode,
     )
 
     layout = WeightLayout(layer.weight_shape, transposed, row_axes, plan.params.d)
@@ -453,7 +454,13 @@ def _literature_bytes(total_float_params: int, replacements: list[tuple[Layer, P
     unique = {id(p): (layer, p) for layer, p in replacements}.values()
     compressed_params = sum(layer.size for layer, _ in unique)
     coded = sum(p.literature_nbytes for _, p in unique)
-    return coded + 4.0 * (total_float_params - compressed_params)
+    shared = sum(2.0 * p.codebook.size for p in {p.shared_codebook: p for _, p in unique if p.shared_codebook}.values())
+    return coded + shared + 4.0 * (total_float_params - compressed_params)
+
+
+def _shared_codebooks(replacements: list[tuple[Layer, PackedWeight]]) -> dict[str, int]:
+    """Content hash -> stored bytes of each universal codebook the model's nodes share."""
+    return {p.shared_codebook: int(p.codebook.nbytes) for _, p in replacements if p.shared_codebook}
 
 
 def _provenance(

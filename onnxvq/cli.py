@@ -1,5 +1,5 @@
 """The ``onnxvq`` command line: ``compress``, ``decompress``, ``inspect``, ``report``, ``run``,
-``native build``.
+``native build``, ``codebook build|show``.
 
 Every user-fixable problem prints ``error: <one line>`` on stderr and exits with status 1, with
 no traceback and no output file left behind. Set ``ONNXVQ_DEBUG=1`` to get tracebacks.
@@ -110,6 +110,7 @@ def main() -> None:
 @click.option("--target-ratio", type=float, default=None, help="Size target: the output at least R times smaller than the input; k, d and scales chosen per layer.")
 @click.option("--target-bits", type=float, default=None, help="Size target: average stored bits per weight of the compressible layers.")
 @click.option("--rank", default=None, metavar="auto|N", help="lr2vq: clustering dimension (1..d), or auto to choose it per layer. [default: auto]")
+@click.option("--codebook", "universal", type=click.Path(), default=None, help="vq4all: the universal codebook (onnxvq codebook build); it fixes k and d.")
 @click.option("--config", "config_path", type=click.Path(), default=None, help="JSON or YAML config (per-layer overrides).")
 @click.option("--skip", multiple=True, metavar="NAME_OR_re:PATTERN", help="Leave a layer dense (repeatable).")
 @click.option("--min-size", type=int, default=None, help="Leave layers with fewer weights dense. [default: 1024]")
@@ -132,7 +133,7 @@ def main() -> None:
 @click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @_user_errors
-def compress(model, output, method, k, d, target_ratio, target_bits, rank, config_path, skip, min_size, seed, codebook_dtype, scales,
+def compress(model, output, method, k, d, target_ratio, target_bits, rank, universal, config_path, skip, min_size, seed, codebook_dtype, scales,
              report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
              train_rest, activations, weight_only, holdout, quiet):
     """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops.
@@ -148,7 +149,7 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, confi
     input_file_bytes = model_file_bytes(model, ir_model)
     # Every file read (the model, its external data, config, calibration data, labels) against
     # every file written, before any work: the input is never overwritten.
-    reads = source_files(ir_model) + _files_in([config_path, calib, labels])
+    reads = source_files(ir_model) + _files_in([config_path, calib, labels, universal])
     check_output_paths(
         {"output": output, "external data": _data_path(output, external_data, input_file_bytes),
          "--report": report_path},
@@ -156,11 +157,14 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, confi
     )
     if (target_ratio is not None or target_bits is not None) and (k is not None or d is not None):
         raise OnnxVQError("a size target chooses k and d per layer: drop -k/-d, or the target")
+    if method == "vq4all" and (k is not None or d is not None or target_ratio is not None or target_bits is not None):
+        raise OnnxVQError("vq4all's k and d are its codebook's: drop -k/-d and the size target "
+                          "(build the codebook with the k and d you want)")
     config = CompressConfig.from_file(config_path) if config_path else CompressConfig()
     config = config.merged(
         target_ratio=target_ratio, target_bits=target_bits,
         method=method, k=k, d=d, skip=list(skip) or None, min_size=min_size, seed=seed,
-        codebook_dtype=codebook_dtype, scales=scales, rank=_rank(rank),
+        codebook_dtype=codebook_dtype, scales=scales, rank=_rank(rank), codebook=universal,
     )
     tuning = {
         key: value
@@ -369,6 +373,49 @@ def native_build(out_dir, ort_include):
     click.echo(str(path))
     if path.resolve() != default_library_path().resolve():
         click.echo(f"sessions load it with {ENV_LIBRARY}={path}", err=True)
+
+
+@main.group()
+def codebook() -> None:
+    """Universal codebooks (VQ4ALL): one codebook for every layer of many models."""
+
+
+@codebook.command("build")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the codebook (.npz).")
+@click.option("-k", "k", type=int, required=True, help="Codewords (2..65536).")
+@click.option("-d", "d", type=int, required=True, help="Subvector length.")
+@click.option("--per-tensor", type=int, default=4096, show_default=True, help="Subvectors sampled from every compressible weight (all when it has fewer).")
+@click.option("--bandwidth", type=click.Choice(["scott", "silverman"]), default="scott", show_default=True, help="Kernel bandwidth rule.")
+@click.option("--refine", is_flag=True, help="Refine the drawn codewords by k-means on the sampled subvectors.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling and the draws.")
+@_user_errors
+def codebook_build(models, output, k, d, per_tensor, bandwidth, refine, seed):
+    """Build one codebook from the weights of MODEL... by kernel density estimation."""
+    from onnxvq.model_io import check_output_paths
+    from onnxvq.universal_codebook import build_codebook, save_codebook
+
+    check_output_paths({"output": output}, models)  # before the work; the save checks data files too
+    built = build_codebook(list(models), k=k, d=d, per_tensor=per_tensor, seed=seed, bandwidth=bandwidth, refine=refine)
+    path = save_codebook(built, output)
+    _work_done()
+    for model, record in zip(models, built.provenance["models"]):
+        click.echo(f"{model}: {record['tensors']} tensors, {record['subvectors']} subvectors sampled")
+    click.echo(f"bandwidth: {bandwidth}, factor h={built.provenance['bandwidth_factor']:.6g}"
+               f"{'; refined by k-means' if refine else ''}")
+    click.echo(f"codebook: k={built.k}, d={built.d}, sha256 {built.sha256}")
+    click.echo(f"wrote {_paths([path])}")
+
+
+@codebook.command("show")
+@click.argument("file", type=click.Path())
+@_user_errors
+def codebook_show(file):
+    """Verify FILE's content hash and print how it was built."""
+    from onnxvq.universal_codebook import format_codebook, load_codebook
+
+    click.echo(format_codebook(load_codebook(file), file))
+    click.echo("hash verified: the content matches the recorded sha256")
 
 
 def _parse_assignment(text: str) -> tuple[str, str]:

@@ -164,6 +164,9 @@ class CompressConfig:
         for key in _OVERRIDE_COMMON_KEYS:
             override.pop(key, None)
         values.update(override)
+        fixed = method.fixed_k_d(values)
+        if fixed is not None:  # a method whose k and d come with it (vq4all: its codebook's)
+            values["k"], values["d"] = fixed
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise OnnxVQError(

@@ -46,14 +46,23 @@ class PackedWeight:
         return None if projection is None else int(projection.shape[0])
 
     @property
+    def shared_codebook(self) -> str | None:
+        """The content hash of a universal codebook that every node of the model shares
+        (``vq4all``; stored once, not counted in this weight's bytes), else None."""
+        return self.stats.get("universal_codebook")
+
+    @property
     def nbytes(self) -> int:
-        return int(self.codes.nbytes + self.codebook.nbytes + sum(a.nbytes for a in self.extras.values()))
+        codebook = 0 if self.shared_codebook else self.codebook.nbytes
+        return int(self.codes.nbytes + codebook + sum(a.nbytes for a in self.extras.values()))
 
     @property
     def literature_nbytes(self) -> float:
         """Bytes by the literature's convention: codes at log2(k) bits, float tables (codebook,
-        projection) at fp16, bit-packed extras (signs) as stored."""
-        floats = self.codebook.size + sum(a.size for a in self.extras.values() if a.dtype.kind == "f")
+        projection) at fp16, bit-packed extras (signs) as stored; a shared codebook is counted
+        once per model, not here."""
+        floats = (0 if self.shared_codebook else self.codebook.size) + sum(
+            a.size for a in self.extras.values() if a.dtype.kind == "f")
         packed_bits = sum(a.nbytes for a in self.extras.values() if a.dtype.kind != "f")
         return self.code_nbits / 8 + 2.0 * floats + packed_bits
 

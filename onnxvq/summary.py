@@ -88,6 +88,8 @@ class Summary:
     check: Any = None
     # Conv -> BatchNormalization pairs folded into one Conv (onnxvq.batchnorm_folding).
     batch_norms_folded: int = 0
+    # Universal codebooks (vq4all) every node shares: content hash -> bytes stored (once).
+    shared_codebooks: dict = dataclasses.field(default_factory=dict)
 
     @property
     def compressed_layers(self) -> list[LayerReport]:
@@ -103,7 +105,15 @@ class Summary:
 
     @property
     def layer_ratio(self) -> float | None:
+        """The compressed weights' bytes before over after (a shared codebook not counted)."""
         return self.bytes_before / self.bytes_after if self.bytes_after else None
+
+    @property
+    def layer_ratio_with_shared(self) -> float | None:
+        """:attr:`layer_ratio` with the shared codebooks counted once (None without them)."""
+        if not self.shared_codebooks or not self.bytes_after:
+            return None
+        return self.bytes_before / (self.bytes_after + sum(self.shared_codebooks.values()))
 
     @property
     def literature_ratio(self) -> float | None:
@@ -147,7 +157,10 @@ class Summary:
                 "input_file_bytes": self.input_file_bytes,
                 "output_file_bytes": self.output_file_bytes,
                 "file_ratio": self.file_ratio,
+                "shared_codebook_bytes": sum(self.shared_codebooks.values()),
+                "layer_ratio_with_shared_codebook": self.layer_ratio_with_shared,
             },
+            "shared_codebooks": dict(self.shared_codebooks),
         }
 
     def format(self) -> str:
@@ -186,6 +199,10 @@ class Summary:
             )
         else:
             lines.append("no layer was compressed")
+        for digest, nbytes in self.shared_codebooks.items():
+            lines.append(f"universal codebook {digest[:12]}: {format_bytes(nbytes)}, shared by every vq4all layer; "
+                         f"with it counted once: {format_bytes(self.bytes_after + nbytes)} "
+                         f"({self.layer_ratio_with_shared:.1f}x)")
         sources: dict[str, int] = {}
         for layer in self.compressed_layers:
             if layer.source:

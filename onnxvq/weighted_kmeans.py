@@ -14,7 +14,7 @@ codebook ``C`` shared by all positions), has the output error::
 every formula below uses ``diag(H)``. ``H`` may also be given for the unpadded ``cols`` only; it
 is padded with zeros to ``n_sub * d``.
 
-Three functions:
+Four functions:
 
 * :func:`output_error` evaluates ``E`` exactly, rows in chunks: ``D = M^ - T`` for a chunk of
   rows, one GEMM ``D @ H``, then ``sum(D * (D @ H))``. Memory is bounded by the chunk, never
@@ -39,6 +39,7 @@ Three functions:
     ``F`` is evaluated as ``sum ||z - c'||^2`` from the difference (not the expanded form, which
     cancels when points sit on their codewords). ``F`` never increases (each step minimises it).
 
+* :func:`weighted_assign` is the assignment step alone, for a codebook that does not move.
 * :func:`refit_codebook` keeps the codes and solves for the codebook under the *full* ``H`` (cross
   terms between positions included): with ``A_r`` gathering row ``r``'s codewords,
   ``min_C E(C) + lam ||C - C0||^2``, i.e. the normal equations
@@ -74,7 +75,7 @@ from threadpoolctl import threadpool_limits
 
 from onnxvq.kmeans import KMeansResult, _usable_cores
 
-__all__ = ["output_error", "refit_codebook", "weighted_kmeans"]
+__all__ = ["output_error", "refit_codebook", "weighted_assign", "weighted_kmeans"]
 
 # Row chunks of the products with the full H: (chunk, width) blocks of about this many bytes.
 _CHUNK_BYTES = 32 << 20
@@ -174,6 +175,22 @@ def weighted_kmeans(
             codes, objective = space.assign(codebook, pool)
     flat_codes = np.ascontiguousarray(codes.T).reshape(-1)
     return KMeansResult(codebook, flat_codes, objective, iterations)
+
+
+def weighted_assign(
+    subvectors: np.ndarray, hessian: np.ndarray, codebook: np.ndarray, *, damp: float = 0.01
+) -> np.ndarray:
+    """Codes (rows, n_sub) of each subvector's nearest codeword under its position's damped
+    diagonal block of ``H``: the assignment step of :func:`weighted_kmeans` for a fixed codebook
+    (a universal one, :mod:`onnxvq.methods.vq4all`)."""
+    s = _as_subvectors(subvectors)
+    rows, n_sub, d = s.shape
+    c = _as_codebook(codebook, d)
+    h = _as_hessian(hessian, n_sub, d)
+    blocks = _diagonal_blocks(h, n_sub, d) + _ridge(h, damp) * np.eye(d)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(_usable_cores()) as pool:
+        codes, _ = _Whitened(s, _factor(blocks), len(c)).assign(c, pool)
+    return np.ascontiguousarray(codes.T)
 
 
 def refit_codebook(

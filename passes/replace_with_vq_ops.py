@@ -10,7 +10,9 @@ attributes of ``onnxvq.ops.vq_weight`` added, and the overload of its structural
 new node keeps the old node's name, doc string, metadata and output values (so names, types and
 shapes downstream are untouched). A weight shared by several layers gets one set of
 initializers, ``<weight>.vq_codes``, ``<weight>.vq_codebook`` and ``<weight>.vq_<extra>`` for
-each extra encoded tensor, in the main graph (subgraph nodes read them from the outer scope). A
+each extra encoded tensor, in the main graph (subgraph nodes read them from the outer scope); a
+universal codebook (``vq4all``) is one initializer for every node,
+``onnxvq.universal_codebook.<first 12 hex digits of its hash>``. A
 dense weight left without users is removed: its initializer, the ``Constant`` node that produced
 it, or a QDQ weight's ``DequantizeLinear`` and integer tensor. Nothing else in the graph changes.
 """
@@ -27,11 +29,12 @@ from onnxvq.candidates import Layer
 from onnxvq.packing import PackedWeight
 from onnxvq.passes._values import register_initializer, remove_if_dead, replace_node, value_names
 
-__all__ = ["CODES_SUFFIX", "ReplaceWithVQOpsPass"]
+__all__ = ["CODES_SUFFIX", "UNIVERSAL_PREFIX", "ReplaceWithVQOpsPass"]
 
 logger = logging.getLogger(__name__)
 
 CODES_SUFFIX = ".vq_codes"
+UNIVERSAL_PREFIX = "onnxvq.universal_codebook."
 
 
 class ReplaceWithVQOpsPass(ir.passes.InPlacePass):
@@ -44,13 +47,20 @@ class ReplaceWithVQOpsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         taken = value_names(model)
         stored: dict[ir.Value, list[ir.Value]] = {}
+        shared: dict[str, ir.Value] = {}  # universal codebooks by content hash: one initializer
         for layer, packed in self.replacements:
             if layer.weight not in stored:
                 tensors = {"codes": packed.codes, "codebook": packed.codebook, **packed.extras}
-                stored[layer.weight] = [
-                    register_initializer(model.graph, f"{layer.weight.name}.vq_{name}", array, taken)
-                    for name, array in tensors.items()
-                ]
+                values = {}
+                for name, array in tensors.items():
+                    if name == "codebook" and packed.shared_codebook:
+                        if packed.shared_codebook not in shared:
+                            shared[packed.shared_codebook] = register_initializer(
+                                model.graph, f"{UNIVERSAL_PREFIX}{packed.shared_codebook[:12]}", array, taken)
+                        values[name] = shared[packed.shared_codebook]
+                    else:
+                        values[name] = register_initializer(model.graph, f"{layer.weight.name}.vq_{name}", array, taken)
+                stored[layer.weight] = list(values.values())
             _replace_node(layer, packed, stored[layer.weight])
         for weight in stored:
             remove_if_dead(weight)

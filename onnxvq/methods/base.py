@@ -89,6 +89,13 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
+    # Per-channel scales this method always uses, whatever the config says (None: the config's).
+    forced_scales: ClassVar[str | None] = None
+
+    def fixed_k_d(self, values: dict) -> tuple[int, int] | None:
+        """(k, d) that this method's parameters ``values`` (a mapping of settings) fix, whatever
+        the config says, or None (the config's)."""
+        return None
 
     @abc.abstractmethod
     def encode(
