@@ -20,6 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxvq import channel_scales, ops, quality_guard
+from onnxvq.shared_codebook import PREFIX as SHARED_PREFIX
 from onnxvq.activations import LayerInputs, capture_inputs
 from onnxvq.allocation import allocate
 from onnxvq.batchnorm_folding import fold_batch_norms
@@ -67,11 +68,36 @@ class CompressResult:
         ir.external_data.load_to_model(self.model)
         return ir.serde.serialize_model(self.model)
 
-    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> list[str]:
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None, codebook_external: bool = False,
+             before_commit=None, protected=()) -> list[str]:
         """Write atomically (see :func:`onnxvq.model_io.save_model`); returns the files written.
 
+        ``codebook_external``: a universal codebook (``vq4all``) goes to its own file beside the
+        model, which other models compressed with it into the same folder share
+        (:mod:`onnxvq.shared_codebook`). ``before_commit(files)`` runs on the complete
+        temporary files and ``protected`` are further files not to write (see ``save_model``).
         Refuses to write over any file the original model was read from."""
-        return save_model(self.model, path, external_data=external_data)
+        from onnxvq import shared_codebook
+
+        hashes = {}
+        if codebook_external:
+            record = json.loads(self.model.metadata_props.get(PROVENANCE_KEY) or "{}")
+            hashes = record.get("universal_codebooks") or {}
+            if not hashes:
+                raise OnnxVQError("--codebook-external keeps a universal codebook in its own file; this model has none "
+                                  "(compress with --method vq4all --codebook FILE)")
+        shared_files: list[str] = []
+
+        def commit(files: list[str]) -> None:
+            if hashes:
+                directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+                shared_files.extend(shared_codebook.externalize(
+                    files[0], directory, hashes, protected=[*self.model.meta.get(SOURCE_FILES, []), *protected]))
+            if before_commit is not None:
+                before_commit(files)
+
+        written = save_model(self.model, path, external_data=external_data, before_commit=commit, protected=protected)
+        return written + shared_files
 
 
 def compress(
@@ -224,9 +250,11 @@ def compress(
     restore_unencoded(model, integer_layers)
     AttachVQFunctionsPass()(model)
     if replacements:
-        model.metadata_props[PROVENANCE_KEY] = json.dumps(
-            _provenance(config, reports, original_ir_version, tuning if calib_set else None), sort_keys=True
-        )
+        record = _provenance(config, reports, original_ir_version, tuning if calib_set else None)
+        shared = _shared_codebooks(replacements)
+        if shared:  # checked when a model is loaded (onnxvq.shared_codebook.verify)
+            record["universal_codebooks"] = {f"{SHARED_PREFIX}{sha[:12]}": sha for sha in shared}
+        model.metadata_props[PROVENANCE_KEY] = json.dumps(record, sort_keys=True)
 
     summary = Summary(
         layers=reports,

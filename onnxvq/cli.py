@@ -111,6 +111,7 @@ def main() -> None:
 @click.option("--target-bits", type=float, default=None, help="Size target: average stored bits per weight of the compressible layers.")
 @click.option("--rank", default=None, metavar="auto|N", help="lr2vq: clustering dimension (1..d), or auto to choose it per layer. [default: auto]")
 @click.option("--codebook", "universal", type=click.Path(), default=None, help="vq4all: the universal codebook (onnxvq codebook build); it fixes k and d.")
+@click.option("--codebook-external", is_flag=True, help="vq4all: keep the codebook in universal-<hash>.vqcb beside OUTPUT, one file that models compressed with it into that folder share.")
 @click.option("--config", "config_path", type=click.Path(), default=None, help="JSON or YAML config (per-layer overrides).")
 @click.option("--skip", multiple=True, metavar="NAME_OR_re:PATTERN", help="Leave a layer dense (repeatable).")
 @click.option("--min-size", type=int, default=None, help="Leave layers with fewer weights dense. [default: 1024]")
@@ -133,7 +134,7 @@ def main() -> None:
 @click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @_user_errors
-def compress(model, output, method, k, d, target_ratio, target_bits, rank, universal, config_path, skip, min_size, seed, codebook_dtype, scales,
+def compress(model, output, method, k, d, target_ratio, target_bits, rank, universal, codebook_external, config_path, skip, min_size, seed, codebook_dtype, scales,
              report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
              train_rest, activations, weight_only, holdout, quiet):
     """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops.
@@ -143,7 +144,7 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, unive
     """
     from onnxvq.api import compress as compress_model
     from onnxvq.config import CompressConfig
-    from onnxvq.model_io import check_output_paths, load_model, model_file_bytes, save_model, source_files
+    from onnxvq.model_io import check_output_paths, load_model, model_file_bytes, source_files
 
     ir_model = load_model(model)
     input_file_bytes = model_file_bytes(model, ir_model)
@@ -193,9 +194,8 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, unive
         if report_path:
             _write_text(report_path, json.dumps(result.summary.to_dict(), indent=2))
 
-    written = save_model(
-        result.model, output, external_data=external_data, protected=reads, before_commit=write_report
-    )
+    written = result.save(output, external_data=external_data, protected=reads, before_commit=write_report,
+                          codebook_external=codebook_external)
     _work_done()
     if not quiet:
         click.echo(result.summary.format())

@@ -79,6 +79,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise OnnxVQError(f"{path} is not a well-formed ONNX model: {_first_line(e)}") from None
     ir.external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(path)))
     _check_external_data(model, path)
+    from onnxvq.shared_codebook import verify
+
+    verify(model)
     model.meta[SOURCE_FILES] = [os.path.realpath(path)] + sorted(
         {os.path.realpath(t.path) for t in _external_tensors(model)}
     )

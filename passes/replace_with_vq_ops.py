@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from onnxvq import ops
+from onnxvq import ops, shared_codebook
 from onnxvq.candidates import Layer
 from onnxvq.packing import PackedWeight
 from onnxvq.passes._values import register_initializer, remove_if_dead, replace_node, value_names
@@ -34,7 +34,7 @@ __all__ = ["CODES_SUFFIX", "UNIVERSAL_PREFIX", "ReplaceWithVQOpsPass"]
 logger = logging.getLogger(__name__)
 
 CODES_SUFFIX = ".vq_codes"
-UNIVERSAL_PREFIX = "onnxvq.universal_codebook."
+UNIVERSAL_PREFIX = shared_codebook.PREFIX
 
 
 class ReplaceWithVQOpsPass(ir.passes.InPlacePass):

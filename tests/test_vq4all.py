@@ -138,3 +138,46 @@ def test_cli(models, codebook_path, tmp_path):
                            "--method", "vq4all", "--codebook", str(codebook_path), "-k", "16"],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert done.returncode != 0 and "Traceback" not in done.stderr and "k and d" in done.stderr
+
+
+def test_an_external_codebook_is_one_file_two_models_share(models, codebook_path, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    results = {}
+    for name in ("cnn", "mlp"):
+        result = onnxvq.compress(str(models[name]), method="vq4all", codebook=str(codebook_path), min_size=0)
+        written = result.save(out / f"{name}.vq.onnx", codebook_external=True)
+        results[name] = (result, written)
+    sha = load_codebook(codebook_path).sha256
+    shared = out / f"universal-{sha[:12]}.vqcb"
+    assert [p for p in out.iterdir() if p.suffix == ".vqcb"] == [shared]
+    assert all(str(shared) in written for _, written in results.values())
+    assert shared.stat().st_size == 64 * 4 * 2
+    inline = onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), min_size=0)
+    inline.save(tmp_path / "inline.onnx")
+    assert (out / "cnn.vq.onnx").stat().st_size < (tmp_path / "inline.onnx").stat().st_size - 400
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(str(out / "cnn.vq.onnx"), {"x": x})[0],
+                               run_ort(str(tmp_path / "inline.onnx"), {"x": x})[0], rtol=1e-6, atol=1e-6)
+    from onnxvq.model_io import load_model  # loading through onnxvq checks the codebook's hash
+
+    load_model(out / "mlp.vq.onnx")
+    # a codebook file swapped under the models: named, not silently decoding other weights
+    data = bytearray(shared.read_bytes())
+    data[0] ^= 1
+    shared.write_bytes(bytes(data))
+    with pytest.raises(OnnxVQError, match="use the codebook file the model was compressed with"):
+        load_model(out / "cnn.vq.onnx")
+    done = subprocess.run([sys.executable, "-m", "onnxvq.cli", "inspect", str(out / "cnn.vq.onnx")],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1 and "expects" in done.stderr and "Traceback" not in done.stderr
+    # and a new model is not written against the other bytes
+    with pytest.raises(OnnxVQError, match="exists with other contents"):
+        results["cnn"][0].save(out / "again.onnx", codebook_external=True)
+    assert not (out / "again.onnx").exists()
+
+
+def test_external_codebook_needs_vq4all(models, tmp_path):
+    result = onnxvq.compress(str(models["cnn"]), method="pq", k=16, d=4, min_size=0)
+    with pytest.raises(OnnxVQError, match="has none"):
+        result.save(tmp_path / "m.onnx", codebook_external=True)
