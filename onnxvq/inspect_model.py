@@ -3,7 +3,8 @@
 On any model: the candidate layers (the names configs use, op, weight name, shape, params, bytes)
 and the Conv/Gemm/MatMul nodes left alone with the reason. On a compressed model, also each VQ
 layer with its method, k, d, the low-rank clustering dimension (``rank``, lr2vq), code bits, bits
-per weight (every encoded tensor together: codes, codebook, projection, sign bits) and bytes, and
+per weight (every encoded tensor together: codes, codebook, projection, sign bits; a universal
+codebook that every layer shares is listed once instead) and bytes, and
 each PWLU activation with its intervals, parameter groups (1, or one per channel) and bytes.
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import onnx_ir as ir
 
 from onnxvq import ops
 from onnxvq.api import PROVENANCE_KEY
 from onnxvq.candidates import find_layers, iter_nodes
+from onnxvq.shared_codebook import PREFIX as SHARED_PREFIX
 from onnxvq.integer_ops import convert_integer_ops
 from onnxvq.weight_folding import fold_weight_chains
 from onnxvq.summary import format_bytes, format_table
@@ -75,6 +78,12 @@ def inspect_model(model: ir.Model) -> dict:
         "candidates": candidates,
         "left_alone": [dataclasses.asdict(l) for l in left_alone],
         "vq_layers": vq_layers,
+        "shared_codebooks": [
+            {"name": name, "shape": list(value.shape), "bytes": int(value.const_value.nbytes),
+             "file": os.path.basename(value.const_value.path) if isinstance(value.const_value, ir.ExternalTensor) else None}
+            for name, value in model.graph.initializers.items()
+            if name.startswith(SHARED_PREFIX) and value.const_value is not None
+        ],
         "pwlu": pwlu,
         "provenance": json.loads(provenance) if provenance else None,
     }
@@ -92,6 +101,11 @@ def format_inspection(info: dict) -> str:
         ]
         lines.append(f"VQ layers ({len(rows)}):")
         lines += format_table(("layer", "op", "method", "k", "d", "rank", "code bits", "shape", "params", "bits/weight", "bytes"), rows)
+        lines.append("")
+    for shared in info.get("shared_codebooks", []):
+        where = f"in {shared['file']}" if shared["file"] else "in the model"
+        lines.append(f"universal codebook {shared['name']}: {'x'.join(map(str, shared['shape']))}, "
+                     f"{format_bytes(shared['bytes'])} {where}, shared by every vq4all layer (not in their bytes)")
         lines.append("")
     if info.get("pwlu"):
         rows = [(p["name"], p["input"], str(p["intervals"]), str(p["groups"]), format_bytes(p["bytes"]))
@@ -133,7 +147,8 @@ def _vq_layers(model: ir.Model) -> list[VQLayerInfo]:
         codebook, projection = encoded["codebook"], encoded.get("projection")
         shape = tuple(int(s) for s in attributes["weight_shape"].value.numpy())
         params = math.prod(shape)
-        nbytes = int(sum(t.nbytes for t in encoded.values()))
+        shared = node.inputs[2].name.startswith(SHARED_PREFIX)  # listed once, not per layer
+        nbytes = int(sum(t.nbytes for name, t in encoded.items() if not (shared and name == "codebook")))
         out.append(
             VQLayerInfo(
                 name=node.name or node.op_type,

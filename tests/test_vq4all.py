@@ -181,3 +181,28 @@ def test_external_codebook_needs_vq4all(models, tmp_path):
     result = onnxvq.compress(str(models["cnn"]), method="pq", k=16, d=4, min_size=0)
     with pytest.raises(OnnxVQError, match="has none"):
         result.save(tmp_path / "m.onnx", codebook_external=True)
+
+
+def test_end_to_end_fine_tuning_trains_the_assignments(models, codebook_path):
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(24)]
+    tuned = onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), min_size=0,
+                            calib=calib, finetune={"mode": "e2e", "steps": 100})
+    assert tuned.summary.calibration["mode"] == "e2e"
+    assert sum(l.finetune["codes_changed"] for l in tuned.summary.compressed_layers) > 0
+    quality = tuned.summary.calibration["quality"]
+    assert quality["fine-tuned"].sqnr_db >= quality["encoded"].sqnr_db
+
+
+def test_inspect_lists_the_shared_codebook_once(models, codebook_path, tmp_path):
+    result = onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), min_size=0)
+    result.save(tmp_path / "m.onnx")
+    from onnxvq.inspect_model import inspect_model
+    from onnxvq.model_io import load_model
+
+    info = inspect_model(load_model(tmp_path / "m.onnx"))
+    assert len(info["shared_codebooks"]) == 1 and info["shared_codebooks"][0]["bytes"] == 64 * 4 * 2
+    codes_bytes = {t.name: t for t in result.to_proto().graph.initializer}
+    assert sum(v["bytes"] for v in info["vq_layers"]) == sum(
+        onnx.numpy_helper.to_array(t).nbytes for n, t in codes_bytes.items() if n.endswith((".vq_codes", ".vq_scales")))

@@ -4,8 +4,10 @@ Each subvector ``j`` chooses among its ``n`` candidate codewords (its current co
 ``n - 1`` codewords nearest to it, ``U[c_j1..c_jn]``) with probabilities
 ``p_j = softmax(LOGIT_SCALE * a_j)`` over learnable logits ``a_j``, initialised from distance
 ratios: ``a_ji = -||U_c - U_ci|| / median_i ||U_c - U_ci||`` (the current codeword 0, the
-others below it in proportion to how far they are; ``LOGIT_SCALE`` gives the logits an effective
-step of about 0.1 per Adam step at the bridge's learning rate).
+others below it in proportion to how far they are). ``LOGIT_SCALE`` sets how fast assignments
+move: an Adam step of the bridge's default 1e-3 moves a scaled logit by about 0.01. (On the tests'
+CNN, 100 end-to-end steps: 10 took the distillation loss from 7.5e-4 to 5.4e-5; 20 and 50 made
+the codes flip back and forth and the loss rise.)
 
 The forward pass is straight-through: its value is the *hard* decode, each subvector the
 codeword of its largest logit (what the written model computes, so the layer-wise keep/revert
@@ -29,7 +31,7 @@ from onnxvq.methods.base import Encoded
 
 __all__ = ["FREEZE_AT", "LOGIT_SCALE", "VQ4ALLWeight"]
 
-LOGIT_SCALE = 50.0
+LOGIT_SCALE = 10.0
 FREEZE_AT = 0.99
 
 
