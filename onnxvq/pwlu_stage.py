@@ -60,7 +60,9 @@ __all__ = [
 
 # Captured values per site and model (float32): ``x_q`` and ``x_o`` of ~2**19 values each.
 CAPTURE_VALUES = 2**19
-_CAPTURE_BATCH = 4  # samples per capture run: every site's activation is returned at once
+# Samples per capture run: every site's activation comes back at once (PP-OCRv6's detector:
+# about 40 maps of up to 20 MB per sample and model).
+_CAPTURE_BATCH = 1
 
 
 @dataclasses.dataclass(eq=False)
@@ -155,7 +157,7 @@ def as_rows(x: np.ndarray, site: ActivationSite, channelwise: bool) -> np.ndarra
 
 class SwitchedActivations:
     """Each site's activation output chosen at run time between the activation and a PWLU, for
-    layer-wise fine-tuning, which fits each PWLU right after the layer before it is trained
+    layer-wise fine-tuning, which fits each PWLU when its walk reaches it
     (:func:`onnxvq.tuning.finetune`) so that the layers after it train on its outputs.
 
     Adds to ``model`` in place, per site: ``p = PWLU(x, bounds, knots, slopes)`` and
