@@ -46,7 +46,9 @@ def main(job_path: str) -> None:
         start = time.perf_counter()
         try:
             out = onnxvq.compress(job["model"], calib=calib, finetune=job.get("finetune"), **job["settings"])
-            out.save(job["out"])
+            # vq4all's universal codebook goes beside the model (a device stores it once): the
+            # file ratio is the model's alone, the summary's totals carry the codebook's bytes
+            out.save(job["out"], codebook_external=job["settings"].get("method") == "vq4all")
         except onnxvq.OnnxVQError as e:
             result["skipped"] = f"OnnxVQError: {e}"
         result["compress_s"] = time.perf_counter() - start

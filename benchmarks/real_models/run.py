@@ -338,6 +338,11 @@ def markdown(results) -> str:
                 held = ", ".join(f"{stage} {v['sqnr_db']:.1f} dB" for stage, v in q.items()
                                  if isinstance(v, dict) and v.get("sqnr_db") is not None)
                 note = (note + "; " if note else "") + f"onnxvq held-out SQNR: {held}"
+            shared = (r.get("totals") or {}).get("shared_codebook_bytes")
+            if shared:  # vq4all: the universal codebook is a file of its own, outside "file"
+                with_it = r["file_bytes"] + shared
+                note = (note + "; " if note else "") + (
+                    f"universal codebook {_kb(shared)} in its own file; with it {r['ratio'] * r['file_bytes'] / with_it:.1f}x")
             cells = [r["variant"], _kb(r["file_bytes"]), f"{r['ratio']:.1f}x", f"**{mv[m]:.4f}**",
                      f"{mv[m] - base:+.4f}" if base is not None else "-",
                      *[_fmt(mv.get(k), ".4f") for k in extra], _fmt(r["sqnr_db"], ".1f"),
