@@ -41,19 +41,13 @@ class VQ4ALLWeight(TrainableWeight):
         self.encoded = encoded
         codebook = np.asarray(encoded.codebook, np.float32)
         codes = encoded.codes.reshape(-1).astype(np.int64)
-        n = min(top_n, len(codebook))
-        # candidates per codeword: itself first, then its n - 1 nearest others
-        distances = np.sqrt(np.maximum(
-            (codebook**2).sum(1)[:, None] - 2 * codebook @ codebook.T + (codebook**2).sum(1)[None, :], 0))
-        np.fill_diagonal(distances, -1.0)
-        order = np.argsort(distances, axis=1, kind="stable")[:, :n]
-        near = np.take_along_axis(distances, order, axis=1)
-        near[:, 0] = 0.0
-        scale = np.median(near[:, 1:], axis=1, keepdims=True) if n > 1 else np.ones((len(codebook), 1))
+        used, inverse = np.unique(codes, return_inverse=True)
+        order, near = _neighbours(codebook, used, min(top_n, len(codebook)))
+        scale = np.median(near[:, 1:], axis=1, keepdims=True) if near.shape[1] > 1 else np.ones((len(used), 1))
         logits = -near / np.maximum(scale, 1e-12) / LOGIT_SCALE
         self.register_buffer("codebook", torch.from_numpy(codebook))
-        self.register_buffer("candidates", torch.from_numpy(order[codes]))
-        self.logits = torch.nn.Parameter(torch.from_numpy(logits[codes].astype(np.float32)))
+        self.register_buffer("candidates", torch.from_numpy(order[inverse]))
+        self.logits = torch.nn.Parameter(torch.from_numpy(logits[inverse].astype(np.float32)))
         self.register_buffer("frozen", torch.zeros(len(codes), dtype=torch.bool))
         self.register_buffer("start", torch.from_numpy(codes))
 
@@ -82,3 +76,23 @@ class VQ4ALLWeight(TrainableWeight):
     def stats(self) -> dict:
         return {"codes_changed": int((self.codes() != self.start).sum()), "frozen": int(self.frozen.sum()),
                 "subvectors": int(len(self.start))}
+
+
+def _neighbours(codebook: np.ndarray, used: np.ndarray, n: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """For each codeword in ``used``: itself and its ``n - 1`` nearest other codewords (indices,
+    distances; itself at distance 0), in chunks of rows, so that a 65,536-word codebook never
+    needs its k x k distance matrix."""
+    squares = (codebook.astype(np.float64) ** 2).sum(1)
+    order = np.empty((len(used), n), np.int64)
+    near = np.empty((len(used), n))
+    for start in range(0, len(used), chunk):
+        rows = used[start : start + chunk]
+        distances = np.sqrt(np.maximum(squares[rows, None] - 2 * codebook[rows] @ codebook.T + squares[None, :], 0))
+        distances[np.arange(len(rows)), rows] = -1.0  # itself first
+        best = np.argpartition(distances, n - 1, axis=1)[:, :n] if n < distances.shape[1] else np.tile(
+            np.arange(distances.shape[1]), (len(rows), 1))
+        ranked = np.take_along_axis(best, np.argsort(np.take_along_axis(distances, best, axis=1), axis=1, kind="stable"), axis=1)
+        order[start : start + chunk] = ranked
+        near[start : start + chunk] = np.take_along_axis(distances, ranked, axis=1)
+    near[:, 0] = 0.0
+    return order, near
