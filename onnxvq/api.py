@@ -137,6 +137,9 @@ def compress(
         >>> session = ort.InferenceSession(result.to_proto().SerializeToString())  # doctest: +SKIP
     """
     config = _make_config(config, settings)
+    if config.targeted and get_method(config.method).fixed_k_d(config.options) is not None:
+        raise OnnxVQError(f"{config.method}'s k and d are fixed (its codebook's): a size target cannot choose them; "
+                          "drop --target-ratio/--target-bits")
     model = _as_ir_model(model)
     _check_compressible(model)
     tuning = FinetuneSettings.make(finetune, has_calib=calib is not None)

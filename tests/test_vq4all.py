@@ -206,3 +206,8 @@ def test_inspect_lists_the_shared_codebook_once(models, codebook_path, tmp_path)
     codes_bytes = {t.name: t for t in result.to_proto().graph.initializer}
     assert sum(v["bytes"] for v in info["vq_layers"]) == sum(
         onnx.numpy_helper.to_array(t).nbytes for n, t in codes_bytes.items() if n.endswith((".vq_codes", ".vq_scales")))
+
+
+def test_a_size_target_cannot_choose_vq4alls_k_and_d(models, codebook_path):
+    with pytest.raises(OnnxVQError, match="size target"):
+        onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), target_ratio=8)
