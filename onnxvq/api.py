@@ -20,7 +20,6 @@ import onnx
 import onnx_ir as ir
 
 from onnxvq import channel_scales, ops, quality_guard
-from onnxvq.shared_codebook import PREFIX as SHARED_PREFIX
 from onnxvq.activations import LayerInputs, capture_inputs
 from onnxvq.allocation import allocate
 from onnxvq.batchnorm_folding import fold_batch_norms
@@ -38,6 +37,7 @@ from onnxvq.packing import CODEBOOK_DTYPES, PackedWeight, pack
 from onnxvq.progress import progress as progress_bar
 from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceActivationsWithPWLUPass, ReplaceWithVQOpsPass
 from onnxvq.row_frequency import capture_row_weights
+from onnxvq.shared_codebook import PREFIX as SHARED_PREFIX
 from onnxvq.summary import LayerReport, Summary, sqnr_db
 from onnxvq.tuning import WeightJob, output_sqnr_db
 from onnxvq.tuning import finetune as finetune_jobs

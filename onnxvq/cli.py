@@ -129,7 +129,7 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=None, help="Calibration samples per step. [default: 32]")
 @click.option("--loss", type=click.Choice(["auto", "kl", "mse"]), default=None, help="e2e distillation loss. [default: auto: kl on a Softmax/Sigmoid output's logits and on class scores, mse otherwise]")
 @click.option("--train-rest", is_flag=True, default=None, help="e2e: also train the other float initializers (biases, norms).")
-@click.option("--activations", default=None, metavar="keep|pwlu[:N][:layer|:channel]", help="With --calib: activations behind encoded layers become learned piecewise-linear PWLUs (N intervals, one function per layer or per channel). [default: keep]")
+@click.option("--activations", default=None, metavar="keep|pwlu[:N][:layer|:channel]", help="With --calib: activations behind the model's layers become learned piecewise-linear PWLUs (N intervals, one function per layer or per channel). [default: keep]")
 @click.option("--weight-only", is_flag=True, help="With --calib, encode from weights alone (ablation).")
 @click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")

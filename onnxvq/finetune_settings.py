@@ -58,7 +58,7 @@ class FinetuneSettings:
         max_rows: input vectors kept per layer for layer-wise training.
         layer_batch_rows: input vectors per step in layer-wise training.
         activations: ``keep`` (default), or ``pwlu[:N][:layer|:channel]``: activations behind
-            encoded layers become learnable piecewise-linear ones (:mod:`onnxvq.pwlu_stage`),
+            the model's layers become learnable piecewise-linear ones (:mod:`onnxvq.pwlu_stage`),
             N intervals (default :data:`PWLU_INTERVALS`), one function per layer (default) or
             per channel.
 

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -36,6 +37,9 @@ from onnxvq.layout import WeightLayout
 from onnxvq.methods.base import Encoded, Method, MethodParams
 from onnxvq.output_quality import OutputQuality, output_quality
 from onnxvq.progress import progress as progress_bar
+
+if TYPE_CHECKING:
+    from onnxvq.pwlu_stage import ActivationPlan
 
 __all__ = ["WeightJob", "finetune", "output_sqnr_db"]
 
@@ -93,14 +97,14 @@ def finetune(
     seed: int,
     progress: bool = False,
     vectors_per_sample: dict[str, float] | None = None,
-    activations: list | None = None,
+    activations: ActivationPlan | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Fine-tune ``jobs`` in place (their ``encoded`` is replaced by the learned one).
 
     ``activations``: the PWLU plan (:class:`onnxvq.pwlu_stage.ActivationPlan`). Layer-wise, each
-    site's PWLU is fitted right after the layer before it is trained, and the layers after it
-    train on its outputs (``plan.fitted`` is filled); end to end, the PWLUs in ``plan.fitted``
-    train with the weights (their ``params`` are updated in place).
+    site's PWLU is fitted when the walk reaches it, and the layers after it train on its outputs
+    (``plan.fitted`` is filled); end to end, the PWLUs in ``plan.fitted`` train with the weights
+    (their ``params`` are updated in place).
 
     Returns (a JSON-able record: qualities before/after, mode used and why, step counts;
     learned values of other initializers, only with ``train_rest``).
@@ -206,8 +210,8 @@ def _layer_wise(model, jobs, modules, train, settings, *, seed, progress, vector
 
 def _train_layers(walk, model, jobs, modules, train, settings, current, needed, switches, activations, *, seed,
                   progress) -> None:
-    """The loop of :func:`_layer_wise`: each layer captured and trained in graph order, and the
-    PWLU of each activation site behind it fitted from the walk right after it."""
+    """The loop of :func:`_layer_wise`: each layer captured and trained in graph order, and each
+    activation site's PWLU fitted when the walk reaches it."""
     from onnxvq.finetune.layerwise import train_layer
 
     # Sites in the walk's order; each is fitted once the walk reaches it, before the next layer's
@@ -224,7 +228,6 @@ def _train_layers(walk, model, jobs, modules, train, settings, current, needed, 
         for job in jobs:
             if walk.follows(job.group):
                 fit_sites_before(walk.position[job.group[0].node])
-            if walk.follows(job.group):
                 data: LayerInputs | None = walk.inputs(job.group, current)
             else:
                 others = {name: w for name, w in current.items() if name != job.name}

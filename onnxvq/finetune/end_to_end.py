@@ -100,7 +100,8 @@ def train_end_to_end(
     are easy to overfit (PP-OCRv6's recognizer at 8x, 22 samples, 200 steps: char_acc 0.996 ->
     0.979 without this check).
 
-    Returns (stats, learned other initializers: name -> array, empty unless ``train_rest``).
+    Returns (stats, learned other initializers: name -> array, empty unless ``train_rest`` or
+    ``extra_trainable``).
     """
     torch.manual_seed(seed)
     student = model if student is None else student
@@ -113,13 +114,13 @@ def train_end_to_end(
     trained = compared if student is model else _compared_model(student, settings.loss)[0]
     graph = TorchGraph(trained, trainable=rest)
     graph.train()
+    weights = values_by_name(trained.graph)
 
     def overrides_now() -> dict[str, torch.Tensor]:
         """Each module's dense weight, where the graph reads it (a recurrent op's W and R apart)."""
         return {value.name: part for name, module in modules.items() for value, part in weight_feeds(weights[name], module())}
 
     held_teacher = run_model(compared, held) if held is not None and len(held.samples) else None
-    weights = values_by_name(trained.graph)
 
     def held_loss() -> float:
         with torch.no_grad():
