@@ -252,9 +252,9 @@ def compress(
     ReplaceWithVQOpsPass(replacements)(model)
     restore_unencoded(model, integer_layers)
     AttachVQFunctionsPass()(model)
+    shared = _shared_codebooks(replacements)
     if replacements:
         record = _provenance(config, reports, original_ir_version, tuning if calib_set else None)
-        shared = _shared_codebooks(replacements)
         if shared:  # checked when a model is loaded (onnxvq.shared_codebook.verify)
             record["universal_codebooks"] = {f"{SHARED_PREFIX}{sha[:12]}": sha for sha in shared}
         model.metadata_props[PROVENANCE_KEY] = json.dumps(record, sort_keys=True)
@@ -265,7 +265,7 @@ def compress(
         total_float_params=total_float_params,
         # PWLU parameters are new tensors of the model: counted like any uncompressed one
         literature_bytes=_literature_bytes(total_float_params, replacements) + pwlu_bytes,
-        shared_codebooks=_shared_codebooks(replacements),
+        shared_codebooks=shared,
         calibration=calibration,
         check=check,
         batch_norms_folded=batch_norms_folded,
