@@ -25,9 +25,11 @@ Where the sites are fitted:
   ``refit=False``) and their knots and slopes train with the encoded weights
   (:func:`onnxvq.finetune.end_to_end.train_end_to_end`, ``extra_trainable``).
 
-Then :func:`learn_activations` **checks** the model: its output with and without the PWLUs on
+Then the model is **checked** (:func:`check_pwlus`): its output with and without the PWLUs on
 the held-back samples; if the PWLUs do not raise the output SQNR, all are put back (the summary
-says so).
+says so). Layer-wise fine-tuning checks before it returns and, where they do not help, trains
+the layers again without them, since the layers after each site were tuned to its outputs;
+:func:`learn_activations` reports that check, or makes it after end-to-end training.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxvq.activation_sites import ActivationSite
-from onnxvq.activations import _TapSession
+from onnxvq.activations import _TapSession, run_model
 from onnxvq.calibration import CalibrationSet
+from onnxvq.output_quality import OutputQuality, output_quality
 from onnxvq.progress import progress as progress_bar
 from onnxvq.pwlu import PWLUParameters, fit, initial_parameters, squared_error
 
@@ -48,8 +51,10 @@ __all__ = [
     "CAPTURE_VALUES",
     "ActivationPlan",
     "FittedActivation",
+    "PWLUCheck",
     "SwitchedActivations",
     "as_rows",
+    "check_pwlus",
     "fit_activations",
     "fit_site",
     "learn_activations",
@@ -96,10 +101,43 @@ class ActivationPlan:
     intervals: int
     channelwise: bool
     fitted: list[FittedActivation] = dataclasses.field(default_factory=list)
+    # Set by layer-wise fine-tuning, which checks its PWLUs itself before it returns (and trains
+    # the layers again without them where they do not help): :func:`learn_activations` reports it.
+    check: PWLUCheck | None = None
 
     @property
     def kept(self) -> list[FittedActivation]:
         return [f for f in self.fitted if f.kept]
+
+
+@dataclasses.dataclass(frozen=True)
+class PWLUCheck:
+    """The model's output quality against the original's without and with the kept PWLUs (the
+    same weights), and whether the PWLUs stay: only where they raise the output SQNR."""
+
+    without: OutputQuality
+    with_pwlu: OutputQuality
+    retrained: bool = False  # the layers were trained again without the PWLUs
+
+    @property
+    def helps(self) -> bool:
+        return self.with_pwlu.sqnr_db > self.without.sqnr_db
+
+    def record(self) -> dict:
+        record = {"output_sqnr_db": {"without": self.without.sqnr_db, "with": self.with_pwlu.sqnr_db}}
+        if not self.helps:
+            record["verdict"] = (f"the PWLUs lowered the model's output SQNR ({self.without.sqnr_db:.2f} -> "
+                                 f"{self.with_pwlu.sqnr_db:.2f} dB): the activations are kept as they were"
+                                 + ("; the layers after them were trained again without them" if self.retrained else ""))
+        return record
+
+
+def check_pwlus(model: ir.Model, kept: list[FittedActivation], quantized: dict[str, np.ndarray],
+                evaluation: CalibrationSet, reference: list, without: OutputQuality) -> PWLUCheck:
+    """:class:`PWLUCheck` of ``kept`` on ``evaluation`` (``reference``: the original model's
+    outputs there; ``without``: the quality with ``quantized`` and no PWLU)."""
+    outputs = run_model(with_pwlu(model, kept), evaluation, quantized=quantized)
+    return PWLUCheck(without, output_quality(reference, outputs, evaluation.labels))
 
 
 def fit_activations(
@@ -321,9 +359,6 @@ def learn_activations(
     or trained; when it is empty, they are fitted here from one capture). Returns (a JSON-able
     record for the calibration summary, the PWLUs to write: empty when none helps). Adds the
     model's quality with the PWLUs to ``qualities`` as ``"with PWLU"`` when they are kept."""
-    from onnxvq.activations import run_model
-    from onnxvq.output_quality import output_quality
-
     quantized = {job.name: job.decode(job.encoded) for job in jobs}
     sites = plan.sites
     fitted = plan.fitted
@@ -338,16 +373,15 @@ def learn_activations(
     if not kept:
         record["verdict"] = "no PWLU lowered its activation's error: the activations are kept as they were"
         return record, []
-    evaluation = held or train
-    reference = run_model(model, evaluation)
-    before = list(qualities.values())[-1]
-    after = output_quality(reference, run_model(with_pwlu(model, kept), evaluation, quantized=quantized),
-                           evaluation.labels)
-    record["output_sqnr_db"] = {"without": before.sqnr_db, "with": after.sqnr_db}
-    if not after.sqnr_db > before.sqnr_db:
-        record["verdict"] = (f"the PWLUs lowered the model's output SQNR ({before.sqnr_db:.2f} -> "
-                             f"{after.sqnr_db:.2f} dB): the activations are kept as they were")
+    check = plan.check
+    if check is None:
+        evaluation = held or train
+        check = check_pwlus(model, kept, quantized, evaluation, run_model(model, evaluation),
+                            list(qualities.values())[-1])
+    record.update(check.record())
+    if not check.helps:
         return record, []
+    after = check.with_pwlu
     qualities["with PWLU"] = after
     record["verdict"] = f"{len(kept)} of {len(sites)} activations replaced by PWLUs"
     record["parameter_bytes"] = int(sum(4 * (f.params.bounds.size + f.params.knots.size + f.params.slopes.size)

@@ -283,6 +283,34 @@ def test_each_kept_pwlu_lowers_its_error_and_the_kept_ones_raise_the_output_sqnr
     assert sqnr["with"] > sqnr["without"] + 0.1, sqnr
 
 
+def test_layers_train_again_without_pwlus_that_do_not_help(calib, monkeypatch):
+    """When the check puts the PWLUs back after layer-wise fine-tuning, the layers after them must
+    not stay tuned to their outputs: the weights are those of a run without PWLUs, bit for bit."""
+    import onnxvq
+    from onnxvq import pwlu_stage
+
+    settings = dict(calib=calib, method="pq", k=16, d=4, min_size=0, seed=3)
+    plain = onnxvq.compress(activation_zoo(), finetune={"mode": "layer", "steps": 20}, **settings)
+    kept = onnxvq.compress(activation_zoo(), finetune={"mode": "layer", "steps": 20, "activations": "pwlu:8:channel"},
+                           **settings)
+    monkeypatch.setattr(pwlu_stage.PWLUCheck, "helps", property(lambda self: False))
+    put_back = onnxvq.compress(activation_zoo(), finetune={"mode": "layer", "steps": 20,
+                                                           "activations": "pwlu:8:channel"}, **settings)
+    record = put_back.summary.calibration["activations"]
+    assert record["kept"] > 0 and "trained again without them" in record["verdict"], record
+    assert not any(n.op_type == "PWLU" for n in put_back.to_proto().graph.node)
+
+    def tensors(result):
+        return {t.name: numpy_helper.to_array(t) for t in result.to_proto().graph.initializer}
+
+    expected, got, with_pwlu = tensors(plain), tensors(put_back), tensors(kept)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    # the first run's weights differ: without the retraining this test could not fail
+    assert any(not np.array_equal(with_pwlu[name], expected[name]) for name in expected if name in with_pwlu)
+
+
 def test_decompress_keeps_the_pwlus(compressed, calib):
     import onnxvq
 
