@@ -10,6 +10,9 @@ scales, and the layers left dense at their own width) turn planning into an allo
    the highest ratios), with
    per-channel scales where ``scales`` allows them (``auto``: where the rows' RMS spread reaches
    ``channel_scales.AUTO_MIN_SPREAD``). Candidates that store no fewer bytes than dense are dropped.
+   A method whose one codebook serves every layer (``vq4all``: its universal codebook, fixed k
+   and d) has one candidate besides dense, its codes into that codebook; the allocation then
+   decides which layers stay dense.
 2. **Distortion.** Each candidate is encoded quickly (k-means of at most :data:`SAMPLE_PER_CODEWORD`
    subvectors per codeword for :data:`ESTIMATE_ITERATIONS` iterations, then every subvector
    assigned), giving its weight error ``D_l(c) = |W - W_c|^2``.
@@ -189,7 +192,7 @@ def allocate(
         raise OnnxVQError(
             f"{budget.target} cannot be met: what onnxvq leaves as it is ({budget.rest:.0f} bytes: tensors "
             "other than Conv/Gemm/MatMul weights, such as biases and normalisation parameters, the graph, "
-            "layers kept by explicit settings, and the compressed ops' own bytes) already exceeds the "
+            "a universal codebook kept in the file, layers kept by explicit settings, and the compressed ops' own bytes) already exceeds the "
             f"{budget.nbytes + budget.rest:.0f} bytes the target allows; lower the target"
         )
 
@@ -357,16 +360,20 @@ def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) 
     """Dense plus the ladder of quick encodings, the reference rung measured."""
     dense = Option(layer.nbytes, 0.0, dataclasses.replace(plan, method=None, params=None, rule="target: dense"))
     method_name, base = config.params_for()
+    method = get_method(method_name)
+    # A method with one codebook for every layer (vq4all) offers that encoding alone.
+    fixed = method.fixed_codebook(base)
     weight = layer.weight_array().astype(np.float32)
     transposed, row_axes = layer.view()
     matrix = WeightLayout(layer.weight_shape, transposed, row_axes, 1).to_matrix(weight)
     rms = row_rms(matrix)
-    scaled = config.scales == "on" or (config.scales == "auto" and rms_spread(rms) >= AUTO_MIN_SPREAD)
+    scales = method.forced_scales or config.scales
+    scaled = scales == "on" or (scales == "auto" and rms_spread(rms) >= AUTO_MIN_SPREAD)
     rms = rms if scaled else None
     seed = np.random.SeedSequence(config.seed, spawn_key=(zlib.crc32(layer.weight.name.encode()), 1))
     exact = matrix.astype(np.float64)
     rungs, layouts = [], []
-    for k, d in LADDER:
+    for k, d in LADDER if fixed is None else [(base.k, base.d)]:
         try:
             params = dataclasses.replace(base, d=d, k=k)
         except ValueError:
@@ -376,7 +383,10 @@ def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) 
         nbytes = _stored_nbytes(candidate, layout)
         if nbytes >= layer.nbytes:
             continue
-        codebook, codes = _quick_encode(matrix, rms, layout, params.k, seed)
+        if fixed is None:
+            codebook, codes = _quick_encode(matrix, rms, layout, params.k, seed)
+        else:
+            codebook, codes = fixed, assign(_padded_points(matrix, rms, layout), fixed)[0]
         rung = _Rung(candidate, nbytes, codebook, codes, 0.0)
         rung.distortion = float(np.sum((exact - rung.matrix(layout, rms)) ** 2))
         rungs.append(rung)
@@ -392,10 +402,7 @@ def _ladder(layer: Layer, plan: LayerPlan, config: CompressConfig, sensitivity) 
 def _quick_encode(matrix: np.ndarray, rms: np.ndarray | None, layout: WeightLayout, k: int, seed):
     """A fast approximation of the ladder point: sampled k-means, then every subvector assigned;
     returns (codebook, codes) of the row-normalised matrix when ``rms`` is given."""
-    rows = matrix / rms[:, None] if rms is not None else matrix
-    padded = np.zeros((layout.rows, layout.n_sub * layout.d), np.float32)
-    padded[:, : layout.cols] = rows
-    points = padded.reshape(-1, layout.d)
+    points = _padded_points(matrix, rms, layout)
     k = min(k, len(points))
     rng = np.random.default_rng(seed)
     sample = points
@@ -404,6 +411,15 @@ def _quick_encode(matrix: np.ndarray, rms: np.ndarray | None, layout: WeightLayo
     codebook = kmeans(sample, k, seed=seed, max_iter=ESTIMATE_ITERATIONS).codebook
     codes, _ = assign(points, codebook)
     return codebook, codes.astype(np.uint8 if k <= 256 else np.int32)
+
+
+def _padded_points(matrix: np.ndarray, rms: np.ndarray | None, layout: WeightLayout) -> np.ndarray:
+    """The (rows * n_sub, d) subvectors of ``matrix``, rows divided by ``rms`` when given, a
+    row's tail padded with zeros."""
+    rows = matrix / rms[:, None] if rms is not None else matrix
+    padded = np.zeros((layout.rows, layout.n_sub * layout.d), np.float32)
+    padded[:, : layout.cols] = rows
+    return padded.reshape(-1, layout.d)
 
 
 def _set_uniform_floor(ladders: Sequence[_Ladder], budget: float) -> None:

@@ -38,7 +38,7 @@ from onnxvq.progress import progress as progress_bar
 from onnxvq.passes import AttachVQFunctionsPass, DecompressVQOpsPass, ReplaceActivationsWithPWLUPass, ReplaceWithVQOpsPass
 from onnxvq.row_frequency import capture_row_weights
 from onnxvq.shared_codebook import PREFIX as SHARED_PREFIX
-from onnxvq.summary import LayerReport, Summary, sqnr_db
+from onnxvq.summary import LayerReport, Summary, format_bytes, sqnr_db
 from onnxvq.tuning import WeightJob, output_sqnr_db
 from onnxvq.tuning import finetune as finetune_jobs
 from onnxvq.weight_folding import fold_weight_chains
@@ -60,6 +60,7 @@ class CompressResult:
 
     model: ir.Model
     summary: Summary
+    codebook_external: bool = False  # what save() does with a universal codebook by default
 
     def to_proto(self) -> onnx.ModelProto:
         """The model as one self-contained proto: tensors still in the input's external data
@@ -68,18 +69,20 @@ class CompressResult:
         ir.external_data.load_to_model(self.model)
         return ir.serde.serialize_model(self.model)
 
-    def save(self, path: str | os.PathLike, *, external_data: bool | None = None, codebook_external: bool = False,
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None, codebook_external: bool | None = None,
              before_commit=None, protected=()) -> list[str]:
         """Write atomically (see :func:`onnxvq.model_io.save_model`); returns the files written.
 
         ``codebook_external``: a universal codebook (``vq4all``) goes to its own file beside the
         model, which other models compressed with it into the same folder share
-        (:mod:`onnxvq.shared_codebook`). ``before_commit(files)`` runs on the complete
+        (:mod:`onnxvq.shared_codebook`); default: as :func:`compress` was told. ``before_commit(files)`` runs on the complete
         temporary files and ``protected`` are further files not to write (see ``save_model``).
         Refuses to write over any file the original model was read from."""
         from onnxvq import shared_codebook
 
         hashes = {}
+        if codebook_external is None:
+            codebook_external = self.codebook_external
         if codebook_external:
             record = json.loads(self.model.metadata_props.get(PROVENANCE_KEY) or "{}")
             hashes = record.get("universal_codebooks") or {}
@@ -109,6 +112,7 @@ def compress(
     labels: str | os.PathLike | np.ndarray | None = None,
     finetune: FinetuneSettings | Mapping[str, Any] | str | None = None,
     progress: bool = False,
+    codebook_external: bool = False,
     **settings: Any,
 ) -> CompressResult:
     """Replace the weights of Conv/Gemm/MatMul layers by vector-quantized ``ai.onnxvq`` ops.
@@ -123,6 +127,9 @@ def compress(
         finetune: a mode (``"none"``, ``"layer"``, ``"e2e"``), a mapping or
             :class:`FinetuneSettings`; default ``layer`` with ``calib``, else ``none``.
         progress: show progress bars (on stderr).
+        codebook_external: ``vq4all``: the universal codebook will be saved in its own file
+            (:meth:`CompressResult.save`'s default), so a size target does not count it in the
+            model file; otherwise it is in the file and counts.
         **settings: settings applied over ``config`` (``method``, ``k``, ``d``, ``skip``, ...).
 
     Returns:
@@ -137,9 +144,6 @@ def compress(
         >>> session = ort.InferenceSession(result.to_proto().SerializeToString())  # doctest: +SKIP
     """
     config = _make_config(config, settings)
-    if config.targeted and get_method(config.method).fixed_k_d(config.options) is not None:
-        raise OnnxVQError(f"{config.method}'s k and d are fixed (its codebook's): a size target cannot choose them; "
-                          "drop --target-ratio/--target-bits")
     model = _as_ir_model(model)
     _check_compressible(model)
     tuning = FinetuneSettings.make(finetune, has_calib=calib is not None)
@@ -171,6 +175,8 @@ def compress(
         # What stays as it is, measured on the model as it now stands (folded BatchNormalization
         # parameters and Constant-node framing of the weights gone), not estimated from the input.
         rest_bytes = model_bytes_without(model, {v.name for group in groups for v in stored_values(group[0])})
+        if not codebook_external:
+            rest_bytes += _universal_codebook_bytes(config, input_bytes)
         group_plans = allocate(
             model, groups, group_plans, config, input_bytes=input_bytes, rest_bytes=rest_bytes,
             samples=calib_set, progress=progress,
@@ -270,7 +276,7 @@ def compress(
         check=check,
         batch_norms_folded=batch_norms_folded,
     )
-    return CompressResult(model, summary)
+    return CompressResult(model, summary, codebook_external=codebook_external)
 
 
 def decompress(model: ModelLike) -> ir.Model:
@@ -455,6 +461,21 @@ def _write_back(model: ir.Model, learned: Mapping[str, np.ndarray]) -> None:
     for name, array in learned.items():
         value = model.graph.initializers[name]
         value.const_value = ir.tensor(array.astype(value.const_value.dtype.numpy()), name=name)
+
+
+def _universal_codebook_bytes(config: CompressConfig, input_bytes: int) -> int:
+    """Bytes of the one codebook every layer reads (vq4all's universal codebook, float16 in the
+    file), 0 for other methods; an error when it alone exceeds a ratio target."""
+    codebook = get_method(config.method).fixed_codebook(config.params_for()[1])
+    if codebook is None:
+        return 0
+    nbytes = codebook.size * 2
+    if config.target_ratio is not None and nbytes >= input_bytes / config.target_ratio:
+        raise OnnxVQError(
+            f"--target-ratio {config.target_ratio:g} cannot be met with the universal codebook in the file: it "
+            f"alone takes {format_bytes(nbytes)} of the {format_bytes(input_bytes / config.target_ratio)} the target "
+            "allows; keep it in its own file with --codebook-external, or lower the target")
+    return nbytes
 
 
 def _input_bytes(model: ir.Model) -> int:

@@ -158,8 +158,8 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, unive
     )
     if (target_ratio is not None or target_bits is not None) and (k is not None or d is not None):
         raise OnnxVQError("a size target chooses k and d per layer: drop -k/-d, or the target")
-    if method == "vq4all" and (k is not None or d is not None or target_ratio is not None or target_bits is not None):
-        raise OnnxVQError("vq4all's k and d are its codebook's: drop -k/-d and the size target "
+    if method == "vq4all" and (k is not None or d is not None):
+        raise OnnxVQError("vq4all's k and d are its codebook's: drop -k/-d "
                           "(build the codebook with the k and d you want)")
     config = CompressConfig.from_file(config_path) if config_path else CompressConfig()
     config = config.merged(
@@ -183,7 +183,8 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, unive
     if calib is None and (tuning or labels):
         raise OnnxVQError("--labels and the fine-tune options need calibration data: add --calib PATH")
     result = compress_model(
-        ir_model, config, calib=calib, labels=labels, finetune=tuning or None, progress=not quiet
+        ir_model, config, calib=calib, labels=labels, finetune=tuning or None, progress=not quiet,
+        codebook_external=codebook_external,
     )
     result.summary.input_file_bytes = input_file_bytes
 
@@ -194,8 +195,7 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, unive
         if report_path:
             _write_text(report_path, json.dumps(result.summary.to_dict(), indent=2))
 
-    written = result.save(output, external_data=external_data, protected=reads, before_commit=write_report,
-                          codebook_external=codebook_external)
+    written = result.save(output, external_data=external_data, protected=reads, before_commit=write_report)
     _work_done()
     if not quiet:
         click.echo(result.summary.format())

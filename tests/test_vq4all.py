@@ -208,6 +208,32 @@ def test_inspect_lists_the_shared_codebook_once(models, codebook_path, tmp_path)
         onnx.numpy_helper.to_array(t).nbytes for n, t in codes_bytes.items() if n.endswith((".vq_codes", ".vq_scales")))
 
 
-def test_a_size_target_cannot_choose_vq4alls_k_and_d(models, codebook_path):
-    with pytest.raises(OnnxVQError, match="size target"):
-        onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), target_ratio=8)
+def test_a_size_target_decides_which_layers_stay_dense(models, codebook_path, tmp_path):
+    """vq4all's k and d are its codebook's, so a target's only choice per layer is dense or the
+    universal codes; the written file (the codebook in it) meets the ratio."""
+    input_bytes = models["cnn"].stat().st_size
+    result = onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), target_ratio=4)
+    rules = {layer.name: layer.rule for layer in result.summary.layers}
+    assert "target: dense" in rules.values(), rules
+    coded = [name for name, rule in rules.items() if rule.startswith("target: d=4 k=64 ")]
+    assert coded, rules
+    written = result.save(tmp_path / "m.onnx")
+    assert len(written) == 1 and (tmp_path / "m.onnx").stat().st_size <= input_bytes / 4
+    nodes = vq_nodes(result.to_proto())
+    assert sorted(n.name for n in nodes) == sorted(coded) and len({n.input[2] for n in nodes}) == 1
+
+
+def test_a_size_target_counts_the_codebook_unless_it_is_external(models, codebook_path):
+    # 512 bytes of codebook; at 200x the model file may hold 450
+    with pytest.raises(OnnxVQError, match="universal codebook in the file: it alone takes 512 B.*--codebook-external"):
+        onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), target_ratio=200)
+    with pytest.raises(OnnxVQError, match="cannot be met: what onnxvq leaves as it is"):
+        onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), target_ratio=200,
+                        codebook_external=True)
+
+
+def test_k_and_d_are_the_codebooks(models, codebook_path, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "onnxvq.cli", "compress", str(models["cnn"]), "-o",
+                           str(tmp_path / "m.onnx"), "--method", "vq4all", "--codebook", str(codebook_path), "-d", "8"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1 and "drop -k/-d" in done.stderr and "Traceback" not in done.stderr

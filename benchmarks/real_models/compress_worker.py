@@ -45,10 +45,12 @@ def main(job_path: str) -> None:
         result["rss_before_mib"] = _vm("VmRSS")
         start = time.perf_counter()
         try:
-            out = onnxvq.compress(job["model"], calib=calib, finetune=job.get("finetune"), **job["settings"])
             # vq4all's universal codebook goes beside the model (a device stores it once): the
-            # file ratio is the model's alone, the summary's totals carry the codebook's bytes
-            out.save(job["out"], codebook_external=job["settings"].get("method") == "vq4all")
+            # file ratio (and a size target) is the model's alone, the summary's totals carry
+            # the codebook's bytes
+            out = onnxvq.compress(job["model"], calib=calib, finetune=job.get("finetune"),
+                                  codebook_external=job["settings"].get("method") == "vq4all", **job["settings"])
+            out.save(job["out"])
         except onnxvq.OnnxVQError as e:
             result["skipped"] = f"OnnxVQError: {e}"
         result["compress_s"] = time.perf_counter() - start

@@ -97,6 +97,11 @@ class Method(abc.ABC):
         the config says, or None (the config's)."""
         return None
 
+    def fixed_codebook(self, params: MethodParams) -> np.ndarray | None:
+        """The (k, d) float32 codebook every layer of this method reads, whatever its weights
+        (a size target then offers that one encoding, not a ladder), or None (one per layer)."""
+        return None
+
     @abc.abstractmethod
     def encode(
         self,

@@ -88,6 +88,10 @@ class VQ4ALL(Method):
         universal = VQ4ALLParams(codebook=values.get("codebook") or "").universal()
         return universal.k, universal.d
 
+    def fixed_codebook(self, params: VQ4ALLParams) -> np.ndarray:
+        """The universal codebook."""
+        return params.universal().codebook
+
     def encode(self, weight, *, transposed, row_axes, params, seed, inputs=None) -> Encoded:
         universal = params.universal()
         if (params.k, params.d) != (universal.k, universal.d):
