@@ -192,7 +192,8 @@ def allocate(
         raise OnnxVQError(
             f"{budget.target} cannot be met: what onnxvq leaves as it is ({budget.rest:.0f} bytes: tensors "
             "other than Conv/Gemm/MatMul weights, such as biases and normalisation parameters, the graph, "
-            "a universal codebook kept in the file, layers kept by explicit settings, and the compressed ops' own bytes) already exceeds the "
+            "a universal codebook kept in the file, layers kept by explicit settings, and the compressed ops' "
+            "own bytes) already exceeds the "
             f"{budget.nbytes + budget.rest:.0f} bytes the target allows; lower the target"
         )
 

@@ -75,8 +75,9 @@ class CompressResult:
 
         ``codebook_external``: a universal codebook (``vq4all``) goes to its own file beside the
         model, which other models compressed with it into the same folder share
-        (:mod:`onnxvq.shared_codebook`); default: as :func:`compress` was told. ``before_commit(files)`` runs on the complete
-        temporary files and ``protected`` are further files not to write (see ``save_model``).
+        (:mod:`onnxvq.shared_codebook`); default: as :func:`compress` was told.
+        ``before_commit(files)`` runs on the complete temporary files and ``protected`` are
+        further files not to write (see ``save_model``).
         Refuses to write over any file the original model was read from."""
         from onnxvq import shared_codebook
 
