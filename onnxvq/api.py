@@ -465,12 +465,12 @@ def _write_back(model: ir.Model, learned: Mapping[str, np.ndarray]) -> None:
 
 
 def _universal_codebook_bytes(config: CompressConfig, input_bytes: int) -> int:
-    """Bytes of the one codebook every layer reads (vq4all's universal codebook, float16 in the
-    file), 0 for other methods; an error when it alone exceeds a ratio target."""
+    """Bytes of the one codebook every layer reads (vq4all's universal codebook, stored at the
+    config's codebook dtype), 0 for other methods; an error when it alone exceeds a ratio target."""
     codebook = get_method(config.method).fixed_codebook(config.params_for()[1])
     if codebook is None:
         return 0
-    nbytes = codebook.size * 2
+    nbytes = codebook.size * np.dtype(CODEBOOK_DTYPES[config.codebook_dtype]).itemsize
     if config.target_ratio is not None and nbytes >= input_bytes / config.target_ratio:
         raise OnnxVQError(
             f"--target-ratio {config.target_ratio:g} cannot be met with the universal codebook in the file: it "

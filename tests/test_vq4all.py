@@ -230,6 +230,10 @@ def test_a_size_target_counts_the_codebook_unless_it_is_external(models, codeboo
     with pytest.raises(OnnxVQError, match="cannot be met: what onnxvq leaves as it is"):
         onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), target_ratio=200,
                         codebook_external=True)
+    # stored as float32 it takes 1 KiB, more than the 901 bytes of a 100x target
+    with pytest.raises(OnnxVQError, match="universal codebook in the file: it alone takes 1.0 KiB"):
+        onnxvq.compress(str(models["cnn"]), method="vq4all", codebook=str(codebook_path), target_ratio=100,
+                        codebook_dtype="float32")
 
 
 def test_k_and_d_are_the_codebooks(models, codebook_path, tmp_path):
