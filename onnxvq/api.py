@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnxvq import channel_scales, ops, quality_guard
 from onnxvq.activations import LayerInputs, capture_inputs
 from onnxvq.allocation import allocate
-from onnxvq.batchnorm_folding import fold_batch_norms
+from onnxvq.conv_folding import fold_batch_norms, fold_bias_adds
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
 from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes, stored_values
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
@@ -157,6 +157,8 @@ def compress(
     # A size target's reference, taken before the conversions below add float twins.
     input_bytes = _input_bytes(model) if config.targeted else 0
     fold_weight_chains(model)
+    # Bias Adds first: a Conv -> Add -> BatchNormalization chain then folds whole.
+    bias_adds_folded = fold_bias_adds(model)
     batch_norms_folded = fold_batch_norms(model)
     integer_layers = convert_integer_ops(model)
     layers, left_alone = find_layers(model)
@@ -276,6 +278,7 @@ def compress(
         calibration=calibration,
         check=check,
         batch_norms_folded=batch_norms_folded,
+        bias_adds_folded=bias_adds_folded,
     )
     return CompressResult(model, summary, codebook_external=codebook_external)
 

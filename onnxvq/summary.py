@@ -86,8 +86,9 @@ class Summary:
     calibration: dict | None = None
     # The compressed model's output against the original's (onnxvq.quality_guard.QualityCheck).
     check: Any = None
-    # Conv -> BatchNormalization pairs folded into one Conv (onnxvq.batchnorm_folding).
+    # Conv -> BatchNormalization pairs and constant bias Adds folded into the Conv (onnxvq.conv_folding).
     batch_norms_folded: int = 0
+    bias_adds_folded: int = 0
     # Universal codebooks (vq4all) every node shares: content hash -> bytes stored (once).
     shared_codebooks: dict = dataclasses.field(default_factory=dict)
 
@@ -147,6 +148,7 @@ class Summary:
             "check": self.check.to_dict() if self.check is not None else None,
             "left_alone": self.left_alone,
             "batch_norms_folded": self.batch_norms_folded,
+            "bias_adds_folded": self.bias_adds_folded,
             "totals": {
                 "compressed_layers": len(self.compressed_layers),
                 "compressed_params": sum(l.params for l in self.compressed_layers),
@@ -211,6 +213,9 @@ class Summary:
             lines.append(f"{count} of them were {source}")
         if self.batch_norms_folded:
             lines.append(f"folded {self.batch_norms_folded} BatchNormalization node(s) into the Conv before each "
+                         "(as onnxruntime does when it loads the model)")
+        if self.bias_adds_folded:
+            lines.append(f"folded {self.bias_adds_folded} constant bias Add node(s) into the Conv before each "
                          "(as onnxruntime does when it loads the model)")
         if self.literature_ratio:
             lines.append(f"model ratio, literature convention: {self.literature_ratio:.1f}x")

@@ -52,7 +52,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxvq import ops
-from onnxvq.batchnorm_folding import fold_batch_norms
+from onnxvq.conv_folding import fold_batch_norms, fold_bias_adds
 from onnxvq.candidates import find_layers, group_by_weight, iter_nodes
 from onnxvq.channel_scales import row_rms
 from onnxvq.errors import OnnxVQError
@@ -456,6 +456,7 @@ def _weight_matrices(model: ir.Model, d: int, label: str):
     # The same preparation as compress: weights computed from constants, BatchNormalization and
     # integer weights become plain float weights of layers, as they will be encoded.
     fold_weight_chains(model)
+    fold_bias_adds(model)
     fold_batch_norms(model)
     convert_integer_ops(model)
     layers, _ = find_layers(model)

@@ -115,6 +115,30 @@ def test_fuzzed_shapes_and_attributes(op, coding, seed):
     assert_library_matches_bodies(vq, x)
 
 
+# Depthwise convolutions, which the library computes itself (ops/native/src/depthwise.cc) rather
+# than through onnxruntime's Conv: widths across its 32-output blocks (5, 33, 70), 1 to 6 output
+# rows (its 4-, 2- and 1-row steps), strides and dilations on each axis, asymmetric explicit pads,
+# every auto_pad, a channel multiplier of 2, no bias.
+DEPTHWISE = [
+    ("3x3_same_upper", (6, 1, 3, 3), (2, 6, 7, 33), {"group": 6, "auto_pad": "SAME_UPPER"}, True),
+    ("5x5_pads_rows2", (8, 1, 5, 5), (3, 8, 2, 70), {"group": 8, "pads": [2, 2, 2, 2]}, True),
+    ("7x7_pads_wide", (4, 1, 7, 7), (1, 4, 9, 70), {"group": 4, "pads": [3, 3, 3, 3]}, False),
+    ("stride2_asymmetric", (5, 1, 3, 3), (1, 5, 11, 13), {"group": 5, "strides": [2, 2], "pads": [0, 1, 2, 0]}, True),
+    ("stride_2x1_same_lower", (6, 1, 5, 3), (2, 6, 6, 5), {"group": 6, "strides": [2, 1], "auto_pad": "SAME_LOWER"}, True),
+    ("stride3_dilation2", (3, 1, 3, 3), (1, 3, 17, 40), {"group": 3, "strides": [1, 3], "dilations": [2, 2], "pads": [1, 2, 1, 2]}, True),
+    ("valid_multiplier2", (12, 1, 3, 2), (2, 6, 6, 9), {"group": 6, "auto_pad": "VALID"}, True),
+    ("dilation_1x3_stride2", (4, 1, 2, 3), (1, 4, 8, 37), {"group": 4, "dilations": [1, 3], "strides": [2, 2]}, False),
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE, ids=[c[0] for c in DEPTHWISE])
+@pytest.mark.parametrize("extras", [(), ("scales",), ("projection", "signs", "scales")], ids=["plain", "scales", "all"])
+def test_depthwise_convolutions(case, extras):
+    vq, *_ = build(ops.vq_conv, case, 16, 3, 17, extras=extras)
+    x = {"X": rng(5).standard_normal(case[2]).astype(np.float32)}
+    assert_library_matches_bodies(vq, x)
+
+
 def _gemm_model(rows: int, cols: int, batch: int) -> onnx.ModelProto:
     weight = (0.1 * rng(2).standard_normal((rows, cols))).astype(np.float32)
     return make_model(

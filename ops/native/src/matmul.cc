@@ -14,6 +14,10 @@ namespace {
 constexpr int64_t TableBytes(int64_t rows) { return rows >= 32 ? (64 << 10) : (128 << 10); }
 // Activation rows per pass of the lookup-table path (the accumulators are N x this).
 constexpr int64_t kRowsPerPass = 32;
+// Up to this many passes run one after the other, each spread over the threads: run side by side
+// instead, two passes of 32 and 8 rows (a recognizer's 40 time steps) take as long on 2 threads
+// as the first alone. More passes than that keep the threads busy whole passes at a time.
+constexpr int64_t kInnerParallelPasses = 4;
 // Up to this many activation rows, the decoded path dots each decoded row at once (RunRowByRow;
 // measured on sign-split weights: at 16 and 32 rows the tiles and onnxruntime's Gemm are faster).
 constexpr int64_t kRowByRowRows = 4;
@@ -234,9 +238,23 @@ void LookupRows(const EncodedWeight& w, const float* a, int64_t i0, int64_t rows
     case 16: LookupPass<16>(w, xt.data(), acc.data(), context); break;
     default: LookupPass<32>(w, xt.data(), acc.data(), context); break;
   }
-  for (int64_t i = 0; i < rows; ++i) {
-    float* out = y + (i0 + i) * n_out;
-    for (int64_t n = 0; n < n_out; ++n) out[n] = acc.data()[n * padded + i] * (scales != nullptr ? scales[n] : 1.0f);
+  // Y[i0 + i][n] = scale[n] * acc[n][i], outputs in chunks: each reads its acc rows once, in
+  // order, and writes a run of every Y row (reading acc column by column would touch a new cache
+  // line per value).
+  const int64_t chunk = 256;
+  auto transpose = [&](size_t b) {
+    const int64_t n0 = static_cast<int64_t>(b) * chunk, n1 = std::min(n_out, n0 + chunk);
+    for (int64_t n = n0; n < n1; ++n) {
+      const float scale = scales != nullptr ? scales[n] : 1.0f;
+      const float* from = acc.data() + n * padded;
+      for (int64_t i = 0; i < rows; ++i) y[(i0 + i) * n_out + n] = from[i] * scale;
+    }
+  };
+  const size_t chunks = static_cast<size_t>((n_out + chunk - 1) / chunk);
+  if (context != nullptr) {
+    ParallelFor(*context, chunks, 0, transpose);
+  } else {
+    for (size_t b = 0; b < chunks; ++b) transpose(b);
   }
 }
 
@@ -249,11 +267,11 @@ void LookupRows(const EncodedWeight& w, const float* a, int64_t i0, int64_t rows
 void EncodedMatMul::RunLookupTables(const EncodedWeight& w, const float* a, int64_t m, float* y,
                                     const Ort::KernelContext& context) const {
   const int64_t passes = (m + kRowsPerPass - 1) / kRowsPerPass;
-  if (passes == 1) {  // the pass itself spreads over the threads
-    LookupRows(w, a, 0, m, y, &context);
+  if (passes <= kInnerParallelPasses) {  // one after the other, each spread over the threads
+    for (int64_t i0 = 0; i0 < m; i0 += kRowsPerPass) LookupRows(w, a, i0, std::min(kRowsPerPass, m - i0), y, &context);
     return;
   }
-  // Several passes: whole passes side by side, each on one thread (a pass's own parallel steps
+  // Many passes: whole passes side by side, each on one thread (a pass's own parallel steps
   // are too short to be worth waking the threads, thousands of times a layer).
   ParallelFor(context, static_cast<size_t>(passes), 0, [&](size_t p) {
     const int64_t i0 = static_cast<int64_t>(p) * kRowsPerPass;
