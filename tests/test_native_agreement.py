@@ -210,3 +210,56 @@ def test_encoded_tensors_fed_at_run_time(mod):
     for feeds in (first, second):
         assert_library_matches_bodies(vq, feeds)
     assert not np.allclose(run(vq, first, native=True)[0], run(vq, second, native=True)[0])
+
+
+_SESSION_MEMORY = """
+import sys
+import onnx, onnxruntime as ort
+from onnx import TensorProto, helper
+from onnxvq import ops
+
+def anon_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) / 1024
+
+options = ops.session_options(native=True)
+io = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])
+empty = helper.make_model(helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "g", [io("a")], [io("b")]))
+keep = ort.InferenceSession(empty.SerializeToString(), options, providers=["CPUExecutionProvider"])
+before = anon_mib()
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+print(anon_mib() - before)
+"""
+
+
+def test_nodes_sharing_a_universal_codebook_hold_one_float_copy(tmp_path):
+    """vq4all: every node reads the same codebook tensor, and the library converts it to float32
+    once per session, not once per node (65,536 x 16 words: 4 MiB as float32, twice that with
+    the lookup tables' transpose; the CNN's 4 nodes held 32 MiB before). The session is measured
+    in a fresh process (resident anonymous memory over an empty session's)."""
+    import subprocess
+    import sys
+
+    from models import cnn
+    from onnxvq.universal_codebook import build_codebook, save_codebook
+
+    dense = tmp_path / "cnn.onnx"
+    onnx.save(cnn(), dense)
+    save_codebook(build_codebook([dense], k=64, d=16, per_tensor=2048, seed=0), tmp_path / "universal.npz")
+    compressed = onnxvq.compress(str(dense), method="vq4all", codebook=str(tmp_path / "universal.npz"), min_size=0).to_proto()
+    nodes = [n for n in compressed.graph.node if n.domain == ops.DOMAIN]
+    assert len(nodes) == 4 and len({n.input[2] for n in nodes}) == 1
+    # The same codes into a 65,536-word codebook whose first 64 words are the built ones.
+    table = next(t for t in compressed.graph.initializer if t.name == nodes[0].input[2])
+    words = numpy_helper.to_array(table)
+    large = rng(9).standard_normal((65536, 16)).astype(words.dtype)
+    large[:64] = words
+    table.CopyFrom(numpy_helper.from_array(large, table.name))
+    x = {"x": rng(10).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    assert_library_matches_bodies(compressed, x)
+    path = tmp_path / "cnn.vq.onnx"
+    onnx.save(compressed, path)
+    held = float(subprocess.run([sys.executable, "-c", _SESSION_MEMORY, str(path)], check=True,
+                                capture_output=True, text=True).stdout)
+    assert held < 12.0, f"the session holds {held:.1f} MiB"

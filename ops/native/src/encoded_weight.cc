@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <sstream>
+#include <tuple>
 
 namespace onnxvq {
 namespace {
@@ -30,6 +32,49 @@ std::vector<float> ToFloats(const Ort::ConstValue& value) {
       Fail("onnxvq: a codebook, projection or scales tensor must be float32, float16 or bfloat16");
   }
   return out;
+}
+
+// C' = C (k x rank) @ P (rank x d), or C when there is no projection.
+std::shared_ptr<const Codewords> MakeCodewords(const Ort::ConstValue& codebook, const Ort::ConstValue* projection) {
+  std::vector<int64_t> shape = codebook.GetTensorTypeAndShapeInfo().GetShape();
+  if (shape.size() != 2) Fail("onnxvq: the codebook must be 2-D");
+  const int64_t k = shape[0], rank = shape[1];
+  std::vector<float> rows = ToFloats(codebook);
+  if (projection == nullptr) return std::make_shared<const Codewords>(std::move(rows), k, rank);
+  std::vector<int64_t> p_shape = projection->GetTensorTypeAndShapeInfo().GetShape();
+  if (p_shape.size() != 2 || p_shape[0] != rank) Fail("onnxvq: the projection must be (rank, d)");
+  std::vector<float> p = ToFloats(*projection);
+  const int64_t d = p_shape[1];
+  std::vector<float> decoded(static_cast<size_t>(k * d), 0.0f);
+  for (int64_t c = 0; c < k; ++c) {
+    for (int64_t t = 0; t < rank; ++t) {
+      const float a = rows[c * rank + t];
+      for (int64_t u = 0; u < d; ++u) decoded[c * d + u] += a * p[t * d + u];
+    }
+  }
+  return std::make_shared<const Codewords>(std::move(decoded), k, d);
+}
+
+// MakeCodewords for constant tensors, shared by every kernel that reads the same ones (the
+// same addresses, type and shapes) while any of them lives. A constant's buffer lives as long as
+// its session, whose kernels hold the entry, so an address is not reused while its entry lives.
+std::shared_ptr<const Codewords> SharedCodewords(const Ort::ConstValue& codebook, const Ort::ConstValue* projection) {
+  auto identity = [](const Ort::ConstValue* value) {
+    if (value == nullptr) return std::make_tuple(static_cast<const void*>(nullptr), 0, std::vector<int64_t>());
+    auto info = value->GetTensorTypeAndShapeInfo();
+    return std::make_tuple(value->GetTensorRawData(), static_cast<int>(info.GetElementType()), info.GetShape());
+  };
+  const auto key = std::make_pair(identity(&codebook), identity(projection));
+  static std::mutex mutex;
+  static std::map<decltype(key), std::weak_ptr<const Codewords>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = cache.begin(); it != cache.end();) {  // forget entries no kernel holds
+    it = it->second.expired() ? cache.erase(it) : std::next(it);
+  }
+  if (auto found = cache.find(key); found != cache.end()) return found->second.lock();
+  std::shared_ptr<const Codewords> made = MakeCodewords(codebook, projection);
+  cache.emplace(key, made);
+  return made;
 }
 
 std::vector<std::string> SplitCommas(const std::string& text) {
@@ -99,7 +144,7 @@ EncodedWeight::EncodedWeight(const Ort::ConstKernelInfo& info, size_t first) : f
       if (index < 0) return nullptr;
       return &values[std::find(indices.begin(), indices.end(), index) - indices.begin()];
     };
-    Prepare(values[0], values[1], named(projection_at_), named(signs_at_), named(scales_at_));
+    Prepare(values[0], values[1], named(projection_at_), named(signs_at_), named(scales_at_), true);
   }
 }
 
@@ -119,12 +164,12 @@ void EncodedWeight::Bind(const Ort::KernelContext& context) {
   if (signs_at_ >= 0) signs = context.GetInput(static_cast<size_t>(signs_at_));
   if (scales_at_ >= 0) scales = context.GetInput(static_cast<size_t>(scales_at_));
   Prepare(codes, codebook, projection_at_ >= 0 ? &projection : nullptr, signs_at_ >= 0 ? &signs : nullptr,
-          scales_at_ >= 0 ? &scales : nullptr);
+          scales_at_ >= 0 ? &scales : nullptr, false);
 }
 
 void EncodedWeight::Prepare(const Ort::ConstValue& codes, const Ort::ConstValue& codebook,
                             const Ort::ConstValue* projection, const Ort::ConstValue* signs,
-                            const Ort::ConstValue* scales) {
+                            const Ort::ConstValue* scales, bool shared) {
   auto codes_info = codes.GetTensorTypeAndShapeInfo();
   std::vector<int64_t> codes_shape = codes_info.GetShape();
   if (codes_shape.size() != 2) Fail("onnxvq: codes must be 2-D (rows, packed codes)");
@@ -141,30 +186,9 @@ void EncodedWeight::Prepare(const Ort::ConstValue& codes, const Ort::ConstValue&
     if (code_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) Fail("onnxvq: 4- and 8-bit codes must be uint8");
     codes8_ = codes.GetTensorData<uint8_t>();
   }
-  std::vector<int64_t> codebook_shape = codebook.GetTensorTypeAndShapeInfo().GetShape();
-  if (codebook_shape.size() != 2) Fail("onnxvq: the codebook must be 2-D");
-  k_ = codebook_shape[0];
-  codewords_ = ToFloats(codebook);
-  d_ = codebook_shape[1];
-  if (projection != nullptr) {
-    // The decoded codewords C @ P, once per binding (k x rank x d multiply-adds).
-    std::vector<int64_t> p_shape = projection->GetTensorTypeAndShapeInfo().GetShape();
-    if (p_shape.size() != 2 || p_shape[0] != d_) Fail("onnxvq: the projection must be (rank, d)");
-    std::vector<float> p = ToFloats(*projection);
-    int64_t rank = d_;
-    d_ = p_shape[1];
-    std::vector<float> decoded(static_cast<size_t>(k_ * d_), 0.0f);
-    for (int64_t c = 0; c < k_; ++c) {
-      for (int64_t t = 0; t < rank; ++t) {
-        float a = codewords_[c * rank + t];
-        for (int64_t u = 0; u < d_; ++u) decoded[c * d_ + u] += a * p[t * d_ + u];
-      }
-    }
-    codewords_.swap(decoded);
-  }
-  codewords_t_.resize(codewords_.size());
-  for (int64_t c = 0; c < k_; ++c)
-    for (int64_t t = 0; t < d_; ++t) codewords_t_[t * k_ + c] = codewords_[c * d_ + t];
+  codewords_ = shared ? SharedCodewords(codebook, projection) : MakeCodewords(codebook, projection);
+  k_ = codewords_->k();
+  d_ = codewords_->d();
   n_sub_ = (cols_ + d_ - 1) / d_;
   int64_t per_row = code_bits_ == 4 ? codes_cols_ * 2 : codes_cols_;
   if (per_row < n_sub_) Fail("onnxvq: the codes hold fewer subvectors than the weight's rows need");
@@ -232,6 +256,15 @@ void GatherCodewords(const EncodedWeight& w, int64_t r, float* row) {
 }  // namespace
 
 const float* SignTable256x8() { return &Signs().values[0][0]; }
+
+const float* Codewords::transposed() const {
+  std::call_once(transposed_once_, [&] {
+    transposed_.resize(rows_.size());
+    for (int64_t c = 0; c < k_; ++c)
+      for (int64_t t = 0; t < d_; ++t) transposed_[t * k_ + c] = rows_[c * d_ + t];
+  });
+  return transposed_.data();
+}
 
 void EncodedWeight::DecodeRows(int64_t r0, int64_t r1, float* out) const {
   for (int64_t r = r0; r < r1; ++r) {

@@ -9,6 +9,8 @@
 // Which of projection/signs/scales follow the codebook is the node's `extra_inputs` attribute.
 #pragma once
 
+#include <memory>
+#include <mutex>
 #include <optional>
 
 #include "common.h"
@@ -18,6 +20,25 @@ namespace onnxvq {
 // SIGN_TABLE of onnxvq.ops.signs, 256 x 8: row b holds the eight +-1 factors of sign byte b
 // (-1 where bit t of b is set).
 const float* SignTable256x8();
+
+// A codebook as float32 codewords C' (k x d: C, or C @ projection), and on first use their d x k
+// transpose (the lookup tables' layout; convolutions never ask for it). Kernels whose codebook and
+// projection are the same constant tensors share one (a vq4all model's universal codebook of
+// 65,536 words is 4 MiB as float32: once per session, not once per node).
+class Codewords {
+ public:
+  Codewords(std::vector<float> rows, int64_t k, int64_t d) : rows_(std::move(rows)), k_(k), d_(d) {}
+  const float* rows() const { return rows_.data(); }
+  const float* transposed() const;
+  int64_t k() const { return k_; }
+  int64_t d() const { return d_; }
+
+ private:
+  std::vector<float> rows_;
+  int64_t k_, d_;
+  mutable std::once_flag transposed_once_;
+  mutable std::vector<float> transposed_;
+};
 
 class EncodedWeight {
  public:
@@ -39,8 +60,8 @@ class EncodedWeight {
   const std::vector<int64_t>& weight_shape() const { return weight_shape_; }
   bool has_signs() const { return signs_ != nullptr; }
   const uint8_t* sign_row(int64_t r) const { return signs_ + r * sign_bytes_; }  // with has_signs()
-  const float* codewords() const { return codewords_.data(); }  // k x d
-  const float* codewords_transposed() const { return codewords_t_.data(); }  // d x k
+  const float* codewords() const { return codewords_->rows(); }  // k x d
+  const float* codewords_transposed() const { return codewords_->transposed(); }  // d x k
   const float* scales() const { return scales_.empty() ? nullptr : scales_.data(); }
 
   int64_t code_bits() const { return code_bits_; }
@@ -81,8 +102,9 @@ class EncodedWeight {
 
  private:
   void Bind(const Ort::KernelContext& context);  // Prepare from the call's inputs
+  // `shared`: the tensors are constants of the session, so the codewords may be shared.
   void Prepare(const Ort::ConstValue& codes, const Ort::ConstValue& codebook, const Ort::ConstValue* projection,
-               const Ort::ConstValue* signs, const Ort::ConstValue* scales);
+               const Ort::ConstValue* signs, const Ort::ConstValue* scales, bool shared);
 
   size_t first_;
   size_t n_extras_ = 0;
@@ -94,8 +116,7 @@ class EncodedWeight {
   const uint8_t* codes8_ = nullptr;
   const uint16_t* codes16_ = nullptr;
   const uint8_t* signs_ = nullptr;
-  std::vector<float> codewords_;
-  std::vector<float> codewords_t_;
+  std::shared_ptr<const Codewords> codewords_;
   std::vector<float> scales_;
 };
 
