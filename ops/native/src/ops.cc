@@ -5,7 +5,8 @@
 // EncodedMatMul (lookup tables, or bounded decoded tiles); VQGather decodes only the rows it
 // reads; VQConv, VQConvTranspose and the other VQMatMul forms decode the weight into scratch for
 // the call and run onnxruntime's own kernel on it (Ort::Op), so their attributes behave exactly as
-// the standard op's.
+// the standard op's, except depthwise VQConvs, which run the library's own direct kernel
+// (depthwise.h).
 #include <algorithm>
 #include <cstring>
 #include <exception>
