@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxvq.errors import OnnxVQError
 from onnxvq.quality_guard import GENERATED_DIM
 
-__all__ = ["GENERATED_DIM", "Feed", "Timing", "input_feed", "open_session", "output_lines", "timed_runs"]
+__all__ = ["GENERATED_DIM", "Feed", "Timing", "input_feed", "open_session", "output_lines", "return_freed_heap", "timed_runs"]
 
 
 @dataclasses.dataclass
@@ -88,7 +88,8 @@ def open_session(path: str | os.PathLike, *, native: bool | None = None, threads
     :func:`onnxvq.ops.session_options`; ``threads`` sets ``intra_op_num_threads`` (default:
     onnxruntime's, one per core); ``disabled_optimizers`` is passed to ``InferenceSession`` (e.g.
     ``["ConstantFolding"]`` keeps the bodies' decode unfolded). A model onnxruntime refuses is an
-    :class:`OnnxVQError` naming the first line of its message."""
+    :class:`OnnxVQError` naming the first line of its message. The heap the session's creation
+    freed is given back to the system (:func:`return_freed_heap`)."""
     import onnxruntime as ort
 
     from onnxvq.ops.native_library import session_options_with_library
@@ -101,7 +102,32 @@ def open_session(path: str | os.PathLike, *, native: bool | None = None, threads
         session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"], **extra)
     except Exception as e:  # onnxruntime's Fail / InvalidGraph / ...: the model, not onnxvq
         raise OnnxVQError(f"onnxruntime cannot load {os.fspath(path)}: {_first_line(e)}") from None
+    return_freed_heap()
     return session, library
+
+
+def return_freed_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim(0)``); False
+    where there is no glibc.
+
+    Creating a session parses the whole model as protobuf, copies its initializers into tensors
+    and frees the parse (and, with folding, the bodies' intermediate tensors). glibc keeps such
+    freed memory in its heap for later allocations rather than unmapping it, so the process stays
+    that much larger: a 9.3 MiB compressed encoder's session measured 15.2 MiB resident, 11.1 MiB
+    after the trim; with folded bodies, 564 MiB, 197 MiB after. The pages are free either way;
+    this only makes the process's size what the session holds. Nothing in the standard library
+    or onnxruntime exposes it, hence ctypes."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 @dataclasses.dataclass
