@@ -145,13 +145,26 @@ EncodedWeight::EncodedWeight(const Ort::ConstKernelInfo& info, size_t first) : f
       return &values[std::find(indices.begin(), indices.end(), index) - indices.begin()];
     };
     Prepare(values[0], values[1], named(projection_at_), named(signs_at_), named(scales_at_), true);
+    // A small codebook is converted again at each call rather than held as float32 (a k = 256,
+    // d = 8 codebook is 2,048 values, about a microsecond): between calls the kernel holds nothing
+    // but the file's own tensors. A large one (vq4all's) is held, once per session.
+    if (k_ * d_ * static_cast<int64_t>(sizeof(float)) <= kPerCallCodebookBytes) {
+      codewords_.reset();
+      per_call_codewords_ = true;
+    }
   }
 }
 
 const EncodedWeight& EncodedWeight::ForCall(const Ort::KernelContext& context,
                                             std::optional<EncodedWeight>& bound) const {
-  if (constant_) return *this;
+  if (constant_ && !per_call_codewords_) return *this;
   bound.emplace(*this);
+  if (constant_) {  // the same tensors; only the codewords are made for this call
+    Ort::ConstValue projection{nullptr};
+    if (projection_at_ >= 0) projection = context.GetInput(static_cast<size_t>(projection_at_));
+    bound->codewords_ = MakeCodewords(context.GetInput(first_ + 1), projection_at_ >= 0 ? &projection : nullptr);
+    return *bound;
+  }
   bound->Bind(context);
   return *bound;
 }

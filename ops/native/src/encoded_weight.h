@@ -48,8 +48,9 @@ class EncodedWeight {
   // Index of the first input after the encoded ones (the consumer's optional inputs).
   size_t next_input() const { return first_ + 2 + n_extras_; }
   // The weight for one call: this one when its tensors are constants (read at creation); else a
-  // copy in `bound` holding the call's inputs (calls of one session may run concurrently, so the
-  // kernel's own state is never rebound).
+  // copy in `bound` holding the call's inputs, or, for constants with a small codebook, the call's
+  // float32 codewords (calls of one session may run concurrently, so the kernel's own state is
+  // never rebound).
   const EncodedWeight& ForCall(const Ort::KernelContext& context, std::optional<EncodedWeight>& bound) const;
 
   int64_t rows() const { return rows_; }
@@ -110,6 +111,8 @@ class EncodedWeight {
   size_t n_extras_ = 0;
   int projection_at_ = -1, signs_at_ = -1, scales_at_ = -1;  // input indices, -1 when absent
   bool constant_ = false;
+  bool per_call_codewords_ = false;  // constant, but codewords_ made by ForCall (a small codebook)
+  static constexpr int64_t kPerCallCodebookBytes = 64 * 1024;
   int64_t code_bits_ = 8;
   std::vector<int64_t> weight_shape_;
   int64_t rows_ = 0, cols_ = 0, n_sub_ = 0, d_ = 0, k_ = 0, codes_cols_ = 0, sign_bytes_ = 0;
