@@ -23,7 +23,8 @@ its high-water mark to its current size (``/proc/self/clear_refs``, so that the 
 not count), reads its resident size and high-water mark (``VmRSS`` and ``VmHWM`` of
 ``/proc/self/status``; ``getrusage``'s ``ru_maxrss`` is recorded in the JSON too, but in a spawned
 child it also holds the parent's size at the fork, which no reset lowers), creates the session
-with the first ``--threads`` value, reads its resident size again, runs the smallest batch once
+with the first ``--threads`` value (``onnxvq.model_run.open_session``, which gives the heap freed
+while creating it back to the system), reads its resident size again, runs the smallest batch once
 and reads them again; then times ``--runs`` runs after one warm-up for each batch
 (``--batches``) and thread count. The session's memory is reported over that of an empty
 baseline (the same steps on a one-``Identity`` model, which is onnxruntime's own cost):
