@@ -104,6 +104,9 @@ class ActivationPlan:
     # Set by layer-wise fine-tuning, which checks its PWLUs itself before it returns (and trains
     # the layers again without them where they do not help): :func:`learn_activations` reports it.
     check: PWLUCheck | None = None
+    # The original model's outputs on the evaluation samples (the held-back ones, else the
+    # training ones), set by fine-tuning, which runs it first: the check need not run it again.
+    reference: list | None = None
 
     @property
     def kept(self) -> list[FittedActivation]:
@@ -376,8 +379,8 @@ def learn_activations(
     check = plan.check
     if check is None:
         evaluation = held or train
-        check = check_pwlus(model, kept, quantized, evaluation, run_model(model, evaluation),
-                            list(qualities.values())[-1])
+        reference = plan.reference if plan.reference is not None else run_model(model, evaluation)
+        check = check_pwlus(model, kept, quantized, evaluation, reference, list(qualities.values())[-1])
     record.update(check.record())
     if not check.helps:
         return record, []

@@ -113,6 +113,8 @@ def finetune(
     """
     evaluation = held or train
     reference = run_model(model, evaluation)
+    if activations is not None:
+        activations.reference = reference
     quality: dict[str, OutputQuality] = {}
     quality["encoded"] = _quality(model, jobs, evaluation, reference)
     record: dict = {"mode": settings.mode, "quality": quality}
