@@ -16,7 +16,7 @@ Two patterns, both folded by onnxruntime when it loads an fp32 model (``ConvBNFu
 * **A constant bias ``Add``** (``fold_bias_adds``): ``Conv(x, W, b) + a`` with ``a`` a constant
   that broadcasts per output channel (shape ``(C, 1, ..., 1)``, ``(1, C, 1, ..., 1)`` or a single
   value) is ``Conv(x, W, b + a)``. Paddle's exporter writes every Conv's bias this way (PP-OCRv6's
-  detector has 63). Once a Conv is an ``ai.onnxvq`` op onnxruntime no longer fuses the Add, which
+  detector has 75). Once a Conv is an ``ai.onnxvq`` op onnxruntime no longer fuses the Add, which
   then costs a pass over the activation per layer (6 ms of the detector's 130 ms).
 
 Folded values are computed in float64 and stored in the weight's dtype: the outputs agree to float
