@@ -1,9 +1,9 @@
 // Depthwise 2-D convolution: see depthwise.h.
 //
-// Each task computes one or more output planes. For each it first copies its input plane, zero-padded, into
-// scratch, split by column phase modulo the stride (phase p holds padded columns p, p + sx, ...),
-// so that for every window offset (ky, kx) the inputs of consecutive outputs are consecutive
-// floats. Outputs are then computed kBlock at a time, the block's sums held in registers over
+// Each task computes one or more output planes. For each it first copies the input plane,
+// zero-padded, into scratch, split by column phase modulo the stride (phase p holds padded
+// columns p, p + sx, ...), so that for every window offset (ky, kx) the inputs of consecutive
+// outputs are consecutive floats. Outputs are then computed kBlock at a time, the block's sums held in registers over
 // the kh * kw window: one contiguous load and one multiply-add per window tap and vector.
 #include "depthwise.h"
 
