@@ -22,10 +22,10 @@ import onnx_ir as ir
 from onnxvq import channel_scales, ops, quality_guard
 from onnxvq.activations import LayerInputs, capture_inputs
 from onnxvq.allocation import allocate
-from onnxvq.conv_folding import fold_batch_norms, fold_bias_adds
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
 from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes, stored_values
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
+from onnxvq.conv_folding import fold_batch_norms, fold_bias_adds
 from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
 from onnxvq.integer_ops import convert_integer_ops, restore_unencoded

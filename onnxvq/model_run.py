@@ -26,7 +26,8 @@ import onnx_ir as ir
 from onnxvq.errors import OnnxVQError
 from onnxvq.quality_guard import GENERATED_DIM
 
-__all__ = ["GENERATED_DIM", "Feed", "Timing", "input_feed", "open_session", "output_lines", "return_freed_heap", "timed_runs"]
+__all__ = ["GENERATED_DIM", "Feed", "Timing", "input_feed", "open_session", "output_lines", "return_freed_heap",
+           "timed_runs"]
 
 
 @dataclasses.dataclass

@@ -52,9 +52,9 @@ import onnx
 import onnx_ir as ir
 
 from onnxvq import ops
-from onnxvq.conv_folding import fold_batch_norms, fold_bias_adds
 from onnxvq.candidates import find_layers, group_by_weight, iter_nodes
 from onnxvq.channel_scales import row_rms
+from onnxvq.conv_folding import fold_batch_norms, fold_bias_adds
 from onnxvq.errors import OnnxVQError
 from onnxvq.integer_ops import convert_integer_ops
 from onnxvq.kmeans import assign
