@@ -454,7 +454,8 @@ def _weight_matrices(model: ir.Model, d: int, label: str):
     if any(n.domain == ops.DOMAIN for n in iter_nodes(model)):
         raise OnnxVQError(f"{label} is already compressed by onnxvq (it has ai.onnxvq nodes); use the original model")
     # The same preparation as compress: weights computed from constants, BatchNormalization and
-    # integer weights become plain float weights of layers, as they will be encoded.
+    # integer weights become plain float weights of layers, as they will be encoded (bias Adds
+    # change no weight, but folding them lets a Conv -> Add -> BatchNormalization chain fold).
     fold_weight_chains(model)
     fold_bias_adds(model)
     fold_batch_norms(model)

@@ -222,10 +222,11 @@ void EncodedWeight::Prepare(const Ort::ConstValue& codes, const Ort::ConstValue&
     signs_ = nullptr;
   }
   if (scales != nullptr) {
-    scales_ = ToFloats(*scales);
-    if (static_cast<int64_t>(scales_.size()) != rows_) Fail("onnxvq: scales must hold one value per row");
+    auto values = std::make_shared<const std::vector<float>>(ToFloats(*scales));
+    if (static_cast<int64_t>(values->size()) != rows_) Fail("onnxvq: scales must hold one value per row");
+    scales_ = std::move(values);
   } else {
-    scales_.clear();
+    scales_.reset();
   }
 }
 
@@ -287,7 +288,7 @@ void EncodedWeight::DecodeRows(int64_t r0, int64_t r1, float* out) const {
       case 8: GatherCodewords<8>(*this, r, row); break;
       default: GatherCodewords<16>(*this, r, row); break;
     }
-    const float s = scales_.empty() ? 1.0f : scales_[r];
+    const float s = scales_ ? (*scales_)[r] : 1.0f;
     if (signs_ != nullptr) {
       // Eight entries per sign byte at once, through the 256 x 8 table of +-1 (as the bodies
       // do): no branch on data bits, and the multiply vectorises.
@@ -300,7 +301,7 @@ void EncodedWeight::DecodeRows(int64_t r0, int64_t r1, float* out) const {
         for (int t = 0; t < 8; ++t) out[t] *= s * sign[t];
       }
       for (int64_t c = whole * 8; c < cols_; ++c) row[c] *= s * table.values[bits[c >> 3]][c & 7];
-    } else if (!scales_.empty()) {
+    } else if (scales_) {
       for (int64_t c = 0; c < cols_; ++c) row[c] *= s;
     }
   }

@@ -63,7 +63,7 @@ class EncodedWeight {
   const uint8_t* sign_row(int64_t r) const { return signs_ + r * sign_bytes_; }  // with has_signs()
   const float* codewords() const { return codewords_->rows(); }  // k x d
   const float* codewords_transposed() const { return codewords_->transposed(); }  // d x k
-  const float* scales() const { return scales_.empty() ? nullptr : scales_.data(); }
+  const float* scales() const { return scales_ ? scales_->data() : nullptr; }
 
   int64_t code_bits() const { return code_bits_; }
   // Row r's packed codes (uint8 for 4 and 8 bits, uint16 for 16).
@@ -120,7 +120,8 @@ class EncodedWeight {
   const uint16_t* codes16_ = nullptr;
   const uint8_t* signs_ = nullptr;
   std::shared_ptr<const Codewords> codewords_;
-  std::vector<float> scales_;
+  // Shared, like codewords_, so that a per-call copy (ForCall) copies no per-row data.
+  std::shared_ptr<const std::vector<float>> scales_;
 };
 
 }  // namespace onnxvq
