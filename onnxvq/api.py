@@ -25,6 +25,7 @@ from onnxvq.allocation import allocate
 from onnxvq.calibration import CalibrationSet, CalibrationSource, load_calibration
 from onnxvq.candidates import Layer, find_layers, group_by_weight, iter_nodes, stored_values
 from onnxvq.config import CompressConfig, LayerPlan, resolve_layers
+from onnxvq.class_rows import kept_layer_names, split_class_rows
 from onnxvq.conv_folding import fold_batch_norms, fold_bias_adds
 from onnxvq.errors import OnnxVQError
 from onnxvq.finetune_settings import FinetuneSettings
@@ -160,10 +161,14 @@ def compress(
     # Bias Adds first: a Conv -> Add -> BatchNormalization chain then folds whole.
     bias_adds_folded = fold_bias_adds(model)
     batch_norms_folded = fold_batch_norms(model)
+    # Before the layers are found: the kept rows of a head are a layer of their own.
+    class_rows = split_class_rows(model, calib_set) if calib_set is not None and config.class_rows == "auto" else []
     integer_layers = convert_integer_ops(model)
     layers, left_alone = find_layers(model)
     # A size target replaces min_size: the allocation decides which small layers stay dense.
-    resolving = dataclasses.replace(config, min_size=0) if config.targeted else config
+    # Fixed settings would encode a head's kept rows as coarsely as the rest: they stay dense.
+    resolving = (dataclasses.replace(config, min_size=0) if config.targeted
+                 else dataclasses.replace(config, skip=[*config.skip, *kept_layer_names(class_rows)]))
     plans = resolve_layers(resolving, [(l.name, l.op_type, l.size) for l in layers])
     plan_of = dict(zip(layers, plans))
     groups = list(group_by_weight(layers).values())
@@ -279,6 +284,7 @@ def compress(
         check=check,
         batch_norms_folded=batch_norms_folded,
         bias_adds_folded=bias_adds_folded,
+        class_rows=class_rows,
     )
     return CompressResult(model, summary, codebook_external=codebook_external)
 

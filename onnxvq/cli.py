@@ -118,6 +118,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="Seed of all random choices. [default: 0]")
 @click.option("--codebook-dtype", type=click.Choice(["float16", "float32"]), default=None, help="Codebook storage. [default: float16]")
 @click.option("--scales", type=click.Choice(["auto", "on", "off"]), default=None, help="Per-output-channel scales: auto keeps them where they lower the per-channel error. [default: auto]")
+@click.option("--class-rows", type=click.Choice(["auto", "off"]), default=None, help="With --calib: auto splits the classes a classifier head wins on the calibration data into a layer of their own. [default: auto]")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the summary as JSON here.")
 @click.option("--external-data/--single-file", default=None, help="Force tensors into OUTPUT.data, or into one file. [default: external only over 2 GiB]")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration data: an .npz keyed by input name (samples on axis 0) or a folder of .npz samples.")
@@ -135,7 +136,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @_user_errors
 def compress(model, output, method, k, d, target_ratio, target_bits, rank, universal, codebook_external, config_path, skip, min_size, seed, codebook_dtype, scales,
-             report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
+             class_rows, report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
              train_rest, activations, weight_only, holdout, quiet):
     """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops.
 
@@ -165,7 +166,7 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, unive
     config = config.merged(
         target_ratio=target_ratio, target_bits=target_bits,
         method=method, k=k, d=d, skip=list(skip) or None, min_size=min_size, seed=seed,
-        codebook_dtype=codebook_dtype, scales=scales, rank=_rank(rank), codebook=universal,
+        codebook_dtype=codebook_dtype, scales=scales, class_rows=class_rows, rank=_rank(rank), codebook=universal,
     )
     tuning = {
         key: value

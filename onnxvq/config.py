@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from onnxvq.channel_scales import SCALES_SETTINGS
+from onnxvq.class_rows import CLASS_ROWS_SETTINGS
 from onnxvq.errors import OnnxVQError
 from onnxvq.methods import METHODS, MethodParams, get_method
 from onnxvq.packing import CODEBOOK_DTYPES
@@ -67,6 +68,9 @@ class CompressConfig:
         codebook_dtype: ``float16`` (default) or ``float32``.
         scales: per-output-channel scales, ``auto`` (default: kept where they lower the
             per-channel error, :mod:`onnxvq.channel_scales`), ``on`` or ``off``.
+        class_rows: ``auto`` (default): with calibration data, the classes of a classifier
+            head that the data shows winning are split into a layer of their own
+            (:mod:`onnxvq.class_rows`); ``off``: never.
         min_size: layers with fewer weights stay dense unless an override names them (not used
             with a size target, which decides that per layer).
         target_ratio: a size target: the output at least this many times smaller than the input;
@@ -89,6 +93,7 @@ class CompressConfig:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     codebook_dtype: str = "float16"
     scales: str = "auto"
+    class_rows: str = "auto"
     min_size: int = 1024
     target_ratio: float | None = None
     target_bits: float | None = None
@@ -185,6 +190,8 @@ class CompressConfig:
         self.params_for()
         _check_codebook_dtype(self.codebook_dtype)
         _check_scales(self.scales)
+        if self.class_rows not in CLASS_ROWS_SETTINGS:
+            raise OnnxVQError(f"class_rows must be one of {', '.join(CLASS_ROWS_SETTINGS)} (got {self.class_rows!r})")
         self._check_target()
         for name in ("min_size", "seed"):
             value = getattr(self, name)

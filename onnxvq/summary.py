@@ -89,6 +89,8 @@ class Summary:
     # Conv -> BatchNormalization pairs and constant bias Adds folded into the Conv (onnxvq.conv_folding).
     batch_norms_folded: int = 0
     bias_adds_folded: int = 0
+    # Classifier heads whose calibration-won classes were split off (onnxvq.class_rows.KeptRows).
+    class_rows: list = dataclasses.field(default_factory=list)
     # Universal codebooks (vq4all) every node shares: content hash -> bytes stored (once).
     shared_codebooks: dict = dataclasses.field(default_factory=dict)
 
@@ -149,6 +151,7 @@ class Summary:
             "left_alone": self.left_alone,
             "batch_norms_folded": self.batch_norms_folded,
             "bias_adds_folded": self.bias_adds_folded,
+            "class_rows": [k.to_dict() for k in self.class_rows],
             "totals": {
                 "compressed_layers": len(self.compressed_layers),
                 "compressed_params": sum(l.params for l in self.compressed_layers),
@@ -217,6 +220,8 @@ class Summary:
         if self.bias_adds_folded:
             lines.append(f"folded {self.bias_adds_folded} constant bias Add node(s) into the Conv before each "
                          "(as onnxruntime does when it loads the model)")
+        for kept in self.class_rows:
+            lines.append(f"classifier head {kept.format()}")
         if self.literature_ratio:
             lines.append(f"model ratio, literature convention: {self.literature_ratio:.1f}x")
         if self.file_ratio:
