@@ -161,9 +161,12 @@ def compress(
     # Bias Adds first: a Conv -> Add -> BatchNormalization chain then folds whole.
     bias_adds_folded = fold_bias_adds(model)
     batch_norms_folded = fold_batch_norms(model)
-    # Before the layers are found: the kept rows of a head are a layer of their own.
-    class_rows = split_class_rows(model, calib_set) if calib_set is not None and config.class_rows == "auto" else []
     integer_layers = convert_integer_ops(model)
+    class_rows = []
+    if calib_set is not None and config.class_rows == "auto":
+        # Before the layers are found: a head's kept rows are a layer of their own. With fixed
+        # settings only a head they encode is split (a dense head reads every class exactly).
+        class_rows = split_class_rows(model, calib_set, None if config.targeted else _encoded_nodes(model, config))
     layers, left_alone = find_layers(model)
     # A size target replaces min_size: the allocation decides which small layers stay dense.
     # Fixed settings would encode a head's kept rows as coarsely as the rest: they stay dense.
@@ -287,6 +290,13 @@ def compress(
         class_rows=class_rows,
     )
     return CompressResult(model, summary, codebook_external=codebook_external)
+
+
+def _encoded_nodes(model: ir.Model, config: CompressConfig) -> set[ir.Node]:
+    """The nodes whose weight fixed settings (no size target) encode."""
+    layers, _ = find_layers(model)
+    plans = resolve_layers(config, [(l.name, l.op_type, l.size) for l in layers])
+    return {layer.node for layer, plan in zip(layers, plans) if plan.compressed}
 
 
 def decompress(model: ModelLike) -> ir.Model:

@@ -24,7 +24,9 @@ head has at least :data:`MIN_CLASSES`, the head is split as::
 which is exactly the head's output for any weight: ``y[..., K] = y_kept``, the rest from the full
 head. Both are layers like any other: a size target allocates bits to each by its measured
 effect on the output (so the kept rows get the bits their classes are worth, dense when that is
-what pays), and with fixed settings the kept layer stays dense (:func:`kept_layer_names`).
+what pays). With fixed settings only a head they encode is split, and its kept layer stays dense
+(:func:`kept_layer_names`). Heads inside control-flow bodies and integer weights (kept as they
+were when they stay dense, :mod:`onnxvq.integer_ops`) are not split.
 
 Classes the calibration data never shows a model winning are served by the full head at its
 encoded precision, as they would be without the split: calibration data that covers the
@@ -40,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxvq.calibration import CalibrationSet
-from onnxvq.candidates import constant_tensor, iter_nodes
+from onnxvq.candidates import SOURCE, constant_tensor, iter_nodes
 from onnxvq.passes._values import register_initializer, unique_name, value_names
 
 __all__ = ["CLASS_ROWS_SETTINGS", "KEPT_SUFFIX", "KeptRows", "kept_layer_names", "split_class_rows"]
@@ -80,11 +82,12 @@ def kept_layer_names(kept: list[KeptRows]) -> list[str]:
     return [k.layer for k in kept]
 
 
-def split_class_rows(model: ir.Model, samples: CalibrationSet) -> list[KeptRows]:
-    """Split every head of ``model`` (module docstring) in place; returns what was split."""
+def split_class_rows(model: ir.Model, samples: CalibrationSet, among: set[ir.Node] | None = None) -> list[KeptRows]:
+    """Split every head of ``model`` (module docstring; only those in ``among`` when given) in
+    place; returns what was split."""
     heads = {}
     for node in iter_nodes(model):
-        if node.graph is not model.graph:
+        if node.graph is not model.graph or (among is not None and node not in among):
             continue
         chain = _class_chain(node)
         if chain is not None:
@@ -122,6 +125,8 @@ def _class_chain(node: ir.Node) -> list[ir.Node] | None:
         return None
     weight = constant_tensor(node.inputs[1])
     if weight is None or weight.dtype not in _FLOATS or weight.shape.rank() < 2:
+        return None
+    if node.inputs[1].meta.get(SOURCE):  # an integer weight seen as float: it goes back as it was
         return None
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = constant_tensor(node.inputs[2])

@@ -103,11 +103,13 @@ def test_a_size_target_allocates_the_kept_layer_like_any_other():
     assert len(original.SerializeToString()) >= 4 * len(result.to_proto().SerializeToString())
 
 
-def test_nothing_is_split_without_data_when_off_or_when_the_data_wins_too_many_classes(monkeypatch):
+def test_nothing_is_split_without_data_when_off_for_a_dense_head_or_when_too_many_classes_win(monkeypatch):
     original, _ = _head_model("gemm")
     assert onnxvq.compress(original, k=16, d=4, min_size=0).summary.class_rows == []
     off = onnxvq.compress(original, calib=_feeds(12, 1), finetune="none", k=16, d=4, min_size=0, class_rows="off")
     assert off.summary.class_rows == []
+    dense_head = onnxvq.compress(original, calib=_feeds(12, 1), finetune="none", k=16, d=4, min_size=0, skip=["head"])
+    assert dense_head.summary.class_rows == []  # a dense head reads every class exactly
     spread, _ = _head_model("gemm", spread=True)
     feeds = _feeds(80, 1)
     monkeypatch.setattr(class_rows, "MAX_KEPT_FRACTION", 0.1)
