@@ -21,11 +21,9 @@ has at least :data:`MIN_CLASSES`, and the output looks like class scores, the he
     y_kept = head(x) with the weight's (and bias's) classes K only      (a layer of its own)
     y      = ScatterElements(head(x), Expand(K, Shape(y_kept)), y_kept, axis = -1)
 
-Class scores have a winner that stands out: the median over positions of ``(max - mean) / std``
-across the classes must be at least ``sqrt(2 ln C) + PEAK_MARGIN`` for C classes, where the
-largest of C Gaussian values lies about ``sqrt(2 ln C)`` standard deviations out. A model whose
-output is an embedding is not split; ddddocr's raw logits read 15 (bound 7.2), PP-OCRv6's
-probabilities 137.
+Class scores have a winner that stands out (:func:`onnxvq.output_quality.has_standout_winner`,
+over every position of the calibration samples): a model whose output is an embedding is not
+split.
 
 The split is exactly the head's output for any weight: ``y[..., K] = y_kept``, the rest from the full
 head. Both are layers like any other: a size target allocates bits to each by its measured
@@ -49,9 +47,10 @@ import onnx_ir as ir
 
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import SOURCE, constant_tensor, iter_nodes
+from onnxvq.output_quality import peak_bound, score_peaks
 from onnxvq.passes._values import register_initializer, unique_name, value_names
 
-__all__ = ["CLASS_ROWS_SETTINGS", "KEPT_SUFFIX", "PEAK_MARGIN", "KeptRows", "kept_layer_names", "split_class_rows"]
+__all__ = ["CLASS_ROWS_SETTINGS", "KEPT_SUFFIX", "KeptRows", "kept_layer_names", "split_class_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +59,6 @@ CLASS_ROWS_SETTINGS = ("auto", "off")
 MIN_CLASSES = 64
 # When the calibration data wins more classes than this, the task reads most of the head.
 MAX_KEPT_FRACTION = 0.25
-# How far the top score must stand above Gaussian noise's largest value, in standard deviations.
-PEAK_MARGIN = 3.0
 KEPT_SUFFIX = ".kept_rows"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
@@ -194,7 +191,7 @@ def _class_wins(model: ir.Model, heads: dict[ir.Node, list[ir.Node]], samples: C
             for node, chain in heads.items()}
     session = _TapSession(model, taps, None, taps_only=True)
     wins: dict[ir.Node, set | None] = {node: set() for node in heads}
-    peaks: dict[ir.Node, list] = {node: [] for node in heads}
+    peaks: dict[ir.Node, list] = {node: [] for node in heads}  # score_peaks per sample
     for i, feed in enumerate(samples.samples):
         values = session.run(feed)
         for node, chain in heads.items():
@@ -205,13 +202,11 @@ def _class_wins(model: ir.Model, heads: dict[ir.Node, list[ir.Node]], samples: C
                 wins[node] = None
                 continue
             scores = values[names[-1]]
-            scores = scores.reshape(-1, scores.shape[-1]).astype(np.float64)
+            scores = scores.reshape(-1, scores.shape[-1])
             wins[node].update(np.unique(scores.argmax(1)).tolist())
-            spread = np.maximum(scores.std(1), np.finfo(np.float64).tiny)
-            peaks[node].append((scores.max(1) - scores.mean(1)) / spread)
+            peaks[node].append(score_peaks(scores))
     for node, found in peaks.items():
-        classes = _classes(node)
-        if wins[node] is not None and np.median(np.concatenate(found)) < np.sqrt(2 * np.log(classes)) + PEAK_MARGIN:
+        if wins[node] is not None and np.median(np.concatenate(found)) < peak_bound(_classes(node)):
             logger.info("%s: its output does not look like class scores; not split", node.name)
             wins[node] = None
     return {node: sorted(w) if w is not None else None for node, w in wins.items()}

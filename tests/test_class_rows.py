@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxvq
 from models import make_model, rng, run_ort, weight
 from onnxvq.calibration import load_calibration
-from onnxvq import class_rows
+from onnxvq import class_rows, output_quality
 from onnxvq.class_rows import split_class_rows
 
 CLASSES, HIDDEN, FAVOURED = 300, 48, 12
@@ -125,7 +125,7 @@ def test_an_output_without_a_standout_winner_is_no_head():
     assert len(_wins(spread, feeds)) <= class_rows.MAX_KEPT_FRACTION * CLASSES
     scores = np.concatenate([run_ort(spread, f)[0].reshape(-1, CLASSES) for f in feeds])
     peak = np.median((scores.max(1) - scores.mean(1)) / scores.std(1))
-    assert peak < np.sqrt(2 * np.log(CLASSES)) + class_rows.PEAK_MARGIN
+    assert peak < np.sqrt(2 * np.log(CLASSES)) + output_quality.PEAK_MARGIN
     model = ir.serde.deserialize_model(spread)
     assert split_class_rows(model, load_calibration(feeds, model)) == []
 

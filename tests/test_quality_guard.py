@@ -100,3 +100,23 @@ def test_top1_agreement_per_position_of_a_sequence_of_class_distributions():
     detector_map = r.random((2, 1, 8, 8)).astype(np.float32)
     assert class_rows(detector_map) is None
     assert output_quality([[detector_map]], [[detector_map * 0.9]]).top1_agreement is None
+
+
+def test_raw_scores_over_many_classes_count_when_their_winner_stands_out():
+    """A captcha reader's (time, batch, classes) logits: one class far above the rest per
+    position. Gaussian values of the same shape (an embedding) have no such winner."""
+    from onnxvq.output_quality import class_rows, output_quality
+
+    r = np.random.default_rng(1)
+    logits = r.standard_normal((20, 1, 500)).astype(np.float32)
+    winners = r.integers(500, size=20)
+    logits[np.arange(20), 0, winners] += 12.0
+    assert class_rows(logits) is not None
+    damaged = logits.copy()
+    damaged[:5, 0, winners[:5]] -= 20.0  # 5 of 20 positions lose their winner
+    assert output_quality([[logits]], [[damaged]]).top1_agreement == 0.75
+    embedding = r.standard_normal((20, 1, 500)).astype(np.float32)
+    assert class_rows(embedding) is None and output_quality([[embedding]], [[embedding]]).top1_agreement is None
+    few = logits[..., :10].copy()  # too few classes to judge by spread
+    few[np.arange(20), 0, 0] += 12.0
+    assert class_rows(few) is None
