@@ -187,8 +187,10 @@ def _class_wins(model: ir.Model, heads: dict[ir.Node, list[ir.Node]], samples: C
     winner that stands out (module docstring)."""
     from onnxvq.activations import _TapSession
 
-    taps = {node.name: [v.name for v in [node.outputs[0], *(n.outputs[0] for n in chain)]]
-            for node, chain in heads.items()}
+    # Keyed by position: node names may be empty or repeated.
+    taps = {str(i): [v.name for v in [node.outputs[0], *(n.outputs[0] for n in chain)]]
+            for i, (node, chain) in enumerate(heads.items())}
+    keys = {node: str(i) for i, node in enumerate(heads)}
     session = _TapSession(model, taps, None, taps_only=True)
     wins: dict[ir.Node, set | None] = {node: set() for node in heads}
     peaks: dict[ir.Node, list] = {node: [] for node in heads}  # score_peaks per sample
@@ -197,7 +199,7 @@ def _class_wins(model: ir.Model, heads: dict[ir.Node, list[ir.Node]], samples: C
         for node, chain in heads.items():
             if wins[node] is None:
                 continue
-            names = taps[node.name]
+            names = taps[keys[node]]
             if i == 0 and not _shapes_keep_classes(node, chain, [values[n] for n in names]):
                 wins[node] = None
                 continue
@@ -248,7 +250,7 @@ def _split(model: ir.Model, node: ir.Node, rows: list[int], taken: set[str]) -> 
     kept = ir.Node("", node.op_type, inputs, attributes=list(node.attributes.values()), num_outputs=1,
                    name=unique_name(f"{base}{KEPT_SUFFIX}", taken))
     kept.outputs[0].name = unique_name(f"{node.outputs[0].name}{KEPT_SUFFIX}", taken)
-    index_value = register_initializer(graph, unique_name(f"{base}.kept_classes", taken), index, taken)
+    index_value = register_initializer(graph, f"{base}.kept_classes", index, taken)
     shape = ir.Node("", "Shape", [kept.outputs[0]], num_outputs=1, name=f"{base}.kept_shape")
     expand = ir.Node("", "Expand", [index_value, shape.outputs[0]], num_outputs=1, name=f"{base}.kept_index")
     y = node.outputs[0]

@@ -84,6 +84,8 @@ def test_compressed_head_keeps_its_won_classes_exact_and_the_rest_encoded():
     compressed = result.to_proto()
     assert any(n.op_type == "VQGemm" and n.name == "head" for n in compressed.graph.node)
     assert any(n.op_type == "Gemm" and n.name == kept.layer for n in compressed.graph.node)  # fixed settings: dense
+    kept_classes = {i.name: numpy_helper.to_array(i) for i in compressed.graph.initializer}["head.kept_classes"]
+    assert kept_classes.tolist() == kept.rows  # the file format's names (README)
     # Only the kept classes and the first layer's encoding differ: with the hidden layer left
     # dense, the kept classes come out exact and the others do not.
     dense_hidden = onnxvq.compress(original, calib=feeds, finetune="none", k=16, d=4, min_size=0, skip=["hidden"])
@@ -158,3 +160,25 @@ def test_heads_whose_classes_do_not_reach_an_output_last_are_left_alone():
 def test_invalid_setting_is_a_one_line_error():
     with pytest.raises(onnxvq.OnnxVQError, match="class_rows must be one of auto, off"):
         onnxvq.compress(_head_model()[0], class_rows="on")
+
+
+def test_two_unnamed_heads_are_split_each_on_its_own_output():
+    r = rng(3)
+    h = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", HIDDEN])
+    w_a, w_b = weight((CLASSES, HIDDEN), 4) * 0.5, weight((HIDDEN, CLASSES), 5) * 0.5
+    w_a[r.choice(CLASSES, 5, replace=False)] *= 16.0
+    w_b[:, r.choice(CLASSES, 5, replace=False)] *= 16.0
+    nodes = [helper.make_node("Gemm", ["x", "wa"], ["ya"], transB=1), helper.make_node("MatMul", ["x", "wb"], ["yb"])]
+    original = make_model(nodes, [h], [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("ya", "yb")],
+                          [numpy_helper.from_array(w_a, "wa"), numpy_helper.from_array(w_b, "wb")])
+    feeds = [{"x": r.standard_normal((6, HIDDEN)).astype(np.float32)} for _ in range(8)]
+    model = ir.serde.deserialize_model(original)
+    kept = split_class_rows(model, load_calibration(feeds, model))
+    assert sorted(k.head for k in kept) == ["Gemm:wa", "MatMul:wb"]
+    outputs = [np.concatenate([run_ort(original, f)[i] for f in feeds]) for i in (0, 1)]
+    for k in kept:
+        scores = outputs[0 if k.head == "Gemm:wa" else 1]
+        assert k.rows == sorted(set(scores.argmax(1).tolist()))
+    split = ir.serde.serialize_model(model)
+    for got, want in zip(run_ort(split, feeds[0]), run_ort(original, feeds[0])):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
