@@ -62,10 +62,12 @@ MODES = {"none": (False, None), "data": (True, "none"), "layer": (True, "layer")
          "layer_pwlu": (True, {"mode": "layer", "activations": "pwlu"}),
          "layer_pwlu_ch": (True, {"mode": "layer", "activations": "pwlu:8:channel"}),
          "e2e_pwlu": (True, {"mode": "e2e", "activations": "pwlu"}),
-         "e2e_pwlu_ch": (True, {"mode": "e2e", "activations": "pwlu:8:channel"})}
+         "e2e_pwlu_ch": (True, {"mode": "e2e", "activations": "pwlu:8:channel"}),
+         # five times the default steps, for the models e2e rescues slowly (PP-OCRv6 rec at 16x)
+         "e2e_long": (True, {"mode": "e2e", "steps": 1000})}
 MODE_LABELS = {"none": "no data", "data": "data-aware", "layer": "layer", "e2e": "e2e",
                "layer_pwlu": "layer + pwlu", "layer_pwlu_ch": "layer + pwlu:8:channel",
-               "e2e_pwlu": "e2e + pwlu", "e2e_pwlu_ch": "e2e + pwlu:8:channel"}
+               "e2e_pwlu": "e2e + pwlu", "e2e_pwlu_ch": "e2e + pwlu:8:channel", "e2e_long": "e2e 1000 steps"}
 
 # task modules, in table order
 TASKS = ["det_ppocr", "cls_ppocr", "rec_ppocr", "ddddocr_det", "ddddocr_ocr", "vad_silero", "vad_silero_half", "sample_digits"]
