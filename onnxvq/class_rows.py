@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxvq.activations import _TapSession
 from onnxvq.calibration import CalibrationSet
 from onnxvq.candidates import SOURCE, constant_tensor, iter_nodes
 from onnxvq.output_quality import peak_bound, score_peaks
@@ -133,12 +135,13 @@ def _class_chain(node: ir.Node) -> list[ir.Node] | None:
         return None
     if node.inputs[1].meta.get(SOURCE):  # an integer weight seen as float: it goes back as it was
         return None
+    classes = _classes(node)
+    if classes < MIN_CLASSES:
+        return None
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = constant_tensor(node.inputs[2])
-        if bias is None or _class_bias(bias.numpy(), _classes(node)) is None:
+        if bias is None or not _per_class_bias(tuple(bias.shape), classes):
             return None
-    if _classes(node) < MIN_CLASSES:
-        return None
     chain: list[ir.Node] = []
     value = node.outputs[0]
     while not value.is_graph_output():
@@ -171,22 +174,16 @@ def _keeps_classes(node: ir.Node, slot: int) -> bool:
     return op == "Identity" or op in _RESHAPING
 
 
-def _class_bias(bias: np.ndarray, classes: int) -> np.ndarray | None:
-    """A Gemm's bias as what the kept rows take: the per-class values (shape ``(N,)`` or
-    ``(1, N)``), or the single value itself; None when it varies by row of the batch."""
-    if bias.size == 1:
-        return bias
-    if bias.shape in ((classes,), (1, classes)):
-        return bias
-    return None
+def _per_class_bias(shape: tuple, classes: int) -> bool:
+    """Whether a Gemm bias of ``shape`` is one value, or one per class (``(N,)`` or ``(1, N)``),
+    so that the kept rows take theirs (:func:`_split`); not when it varies by row of the batch."""
+    return math.prod(shape) == 1 or shape in ((classes,), (1, classes))
 
 
 def _class_wins(model: ir.Model, heads: dict[ir.Node, list[ir.Node]], samples: CalibrationSet):
     """Per head, the sorted classes that are the argmax of some position of its graph output over
     ``samples``, or None when the first sample's shapes break the rule or the scores have no
     winner that stands out (module docstring)."""
-    from onnxvq.activations import _TapSession
-
     # Keyed by position: node names may be empty or repeated.
     taps = {str(i): [v.name for v in [node.outputs[0], *(n.outputs[0] for n in chain)]]
             for i, (node, chain) in enumerate(heads.items())}
