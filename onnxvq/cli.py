@@ -129,6 +129,7 @@ def main() -> None:
 @click.option("--lr", type=float, default=None, help="Adam learning rate. [default: 1e-3]")
 @click.option("--batch-size", type=int, default=None, help="Calibration samples per step. [default: 32]")
 @click.option("--loss", type=click.Choice(["auto", "kl", "mse"]), default=None, help="e2e distillation loss. [default: auto: kl on a Softmax/Sigmoid output's logits and on class scores, mse otherwise]")
+@click.option("--augment", type=click.Choice(["mixup", "none"]), default=None, help="e2e: train on mixes of calibration samples, labelled by the original model (not with --labels). [default: mixup]")
 @click.option("--train-rest", is_flag=True, default=None, help="e2e: also train the other float initializers (biases, norms).")
 @click.option("--activations", default=None, metavar="keep|pwlu[:N][:layer|:channel]", help="With --calib: activations behind the model's layers become learned piecewise-linear PWLUs (N intervals, one function per layer or per channel). [default: keep]")
 @click.option("--weight-only", is_flag=True, help="With --calib, encode from weights alone (ablation).")
@@ -137,7 +138,7 @@ def main() -> None:
 @_user_errors
 def compress(model, output, method, k, d, target_ratio, target_bits, rank, universal, codebook_external, config_path, skip, min_size, seed, codebook_dtype, scales,
              class_rows, report_path, external_data, calib, labels, finetune, epochs, steps, lr, batch_size, loss,
-             train_rest, activations, weight_only, holdout, quiet):
+             augment, train_rest, activations, weight_only, holdout, quiet):
     """Compress MODEL's Conv/Gemm/MatMul weights into ai.onnxvq ops.
 
     With --calib, each layer is encoded to minimise its output error on the calibration data and
@@ -172,7 +173,7 @@ def compress(model, output, method, k, d, target_ratio, target_bits, rank, unive
         key: value
         for key, value in dict(
             mode=finetune, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, loss=loss,
-            train_rest=train_rest, holdout=holdout, data_aware=False if weight_only else None,
+            augment=augment, train_rest=train_rest, holdout=holdout, data_aware=False if weight_only else None,
             activations=activations,
         ).items()
         if value is not None

@@ -24,6 +24,7 @@ __all__ = ["E2E_MIN_STEPS", "FINETUNE_MODES", "LOSSES", "PWLU_INTERVALS", "Finet
 
 FINETUNE_MODES = ("none", "layer", "e2e")
 LOSSES = ("auto", "kl", "mse")
+AUGMENTS = ("mixup", "none")
 # e2e's floor when counted in epochs. PP-OCRv6's recognizer at --target-ratio 16 with 48
 # calibration lines: 10 epochs are 20 steps and leave it broken; 200 steps give char_acc 0.84.
 E2E_MIN_STEPS = 200
@@ -61,6 +62,11 @@ class FinetuneSettings:
             the model's layers become learnable piecewise-linear ones (:mod:`onnxvq.pwlu_stage`),
             N intervals (default :data:`PWLU_INTERVALS`), one function per layer (default) or
             per channel.
+        augment: ``e2e`` only: ``mixup`` (default) trains on mixes ``lam x_i + (1 - lam) x_j``
+            of calibration samples of the same input shapes, each batch labelled afresh by the
+            original model (:class:`onnxvq.finetune.end_to_end._Mixup`): a few dozen samples
+            are otherwise learned by heart. ``none`` trains on the samples themselves. With
+            labels (a task loss) the samples are used as they are.
 
     Example::
 
@@ -80,6 +86,7 @@ class FinetuneSettings:
     max_rows: int = 4096
     layer_batch_rows: int = 256
     activations: str = "keep"
+    augment: str = "mixup"
 
     @property
     def pwlu(self) -> tuple[int, bool] | None:
@@ -94,6 +101,8 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
             raise OnnxVQError(f"fine-tune mode {self.mode!r} is not one of {', '.join(FINETUNE_MODES)}")
+        if self.augment not in AUGMENTS:
+            raise OnnxVQError(f"augment {self.augment!r} is not one of {', '.join(AUGMENTS)}")
         if self.loss not in LOSSES:
             raise OnnxVQError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         for name in ("epochs", "batch_size", "max_rows", "layer_batch_rows"):

@@ -263,3 +263,75 @@ def test_e2e_keeps_the_modules_of_the_lowest_held_out_loss():
     useful = onnxvq.compress(mlp(), finetune={"mode": "e2e", "steps": 30, "lr": 3e-3, "holdout": 0.25}, **common)
     stats = useful.summary.calibration["e2e"]
     assert stats["kept_step"] > 0 and min(v for _, v in stats["held_losses"]) < stats["held_losses"][0][1]
+
+
+def _shifted_mlp() -> onnx.ModelProto:
+    """``mlp()`` whose input is ``x + shift`` with ``shift`` an int64 input: mixup must leave
+    integer inputs as they are."""
+    base = onnx.shape_inference.infer_shapes(mlp())
+    graph = base.graph
+    first = graph.node[0]
+    first.input[0] = "x_shifted"
+    graph.node.insert(0, helper.make_node("Add", ["x", "shift_f"], ["x_shifted"]))
+    graph.node.insert(0, helper.make_node("Cast", ["shift"], ["shift_f"], to=TensorProto.FLOAT))
+    graph.input.append(helper.make_tensor_value_info("shift", TensorProto.INT64, ["N", 1]))
+    return base
+
+
+def test_mixup_feeds_mix_samples_of_the_same_shapes_and_are_labelled_by_the_original_model():
+    from onnxvq.calibration import load_calibration
+    from onnxvq.finetune.end_to_end import _compared_model, _Mixup
+
+    model = ir.from_proto(_shifted_mlp())
+    r = np.random.default_rng(3)
+    samples = [{"x": r.standard_normal((rows, 64)).astype(np.float32),
+                "shift": np.full((rows, 1), 7, np.int64)} for rows in (4, 4, 4, 2, 2)]
+    calib = load_calibration(samples, model)
+    compared, _ = _compared_model(model, "auto")
+    mixup = _Mixup(calib, compared)
+    rng = np.random.default_rng(0)
+    lams = []
+    for indices in ([0, 1, 2], [3, 4], [0], [3]):
+        feed, teacher = mixup(indices, rng)
+        np.testing.assert_array_equal(feed["shift"], np.concatenate([samples[i]["shift"] for i in indices]))
+        start = 0
+        for i in indices:
+            rows = len(samples[i]["x"])
+            mixed = feed["x"][start:start + rows]
+            start += rows
+            # mixed = lam x_i + (1 - lam) x_j for a j of the same shape and lam in [0, 1]
+            fits = []
+            for j, other in enumerate(samples):
+                if other["x"].shape != samples[i]["x"].shape:
+                    continue
+                delta = (samples[i]["x"] - other["x"]).ravel()
+                if not delta.any():
+                    fits.append((np.abs(mixed - other["x"]).max(), None))
+                    continue
+                lam = float(delta @ (mixed - other["x"]).ravel() / (delta @ delta))
+                fits.append((np.abs(mixed - (lam * samples[i]["x"] + (1 - lam) * other["x"])).max(), lam))
+            error, lam = min(fits, key=lambda item: item[0])
+            assert error < 1e-5
+            if lam is not None:
+                assert -1e-6 <= lam <= 1 + 1e-6
+                lams.append(lam)
+        assert start == len(feed["x"])
+        np.testing.assert_allclose(teacher[0], run_ort(ir.to_proto(compared), feed)[0], rtol=1e-6, atol=1e-6)
+    assert any(0.05 < lam < 0.95 for lam in lams)  # really mixed, not only copies
+
+
+def test_mixup_overfits_a_few_samples_less_than_the_samples_alone():
+    """7 training samples of 2 rows, 400 steps: trained on the samples alone the held-out loss
+    ends above where mixup leaves it (both from the same encoding)."""
+    from onnxvq.errors import OnnxVQError
+
+    common = dict(method="pq", k=16, d=4, min_size=0, calib=feeds(10, (64,), batch=2), seed=0)
+    held = {}
+    for augment in ("mixup", "none"):
+        tuned = onnxvq.compress(mlp(), finetune={"mode": "e2e", "steps": 400, "holdout": 0.3, "augment": augment}, **common)
+        held[augment] = tuned.summary.calibration["e2e"]["held_losses"]
+    assert held["mixup"][0] == held["none"][0]
+    assert held["mixup"][-1][1] < 0.9 * held["none"][-1][1]
+    assert min(v for _, v in held["mixup"]) < held["mixup"][0][1]
+    with pytest.raises(OnnxVQError, match="augment 'crop' is not one of mixup, none"):
+        onnxvq.compress(mlp(), finetune={"mode": "e2e", "augment": "crop"}, **common)
