@@ -330,8 +330,19 @@ def test_mixup_overfits_a_few_samples_less_than_the_samples_alone():
     for augment in ("mixup", "none"):
         tuned = onnxvq.compress(mlp(), finetune={"mode": "e2e", "steps": 400, "holdout": 0.3, "augment": augment}, **common)
         held[augment] = tuned.summary.calibration["e2e"]["held_losses"]
+        assert tuned.summary.calibration["e2e"]["augment"] == augment
     assert held["mixup"][0] == held["none"][0]
     assert held["mixup"][-1][1] < 0.9 * held["none"][-1][1]
     assert min(v for _, v in held["mixup"]) < held["mixup"][0][1]
     with pytest.raises(OnnxVQError, match="augment 'crop' is not one of mixup, none"):
         onnxvq.compress(mlp(), finetune={"mode": "e2e", "augment": "crop"}, **common)
+
+
+def test_e2e_with_labels_trains_on_the_samples_themselves():
+    """A mixed sample has no single label: with labels e2e does not mix, whatever ``augment`` says."""
+    calib = feeds(6, (64,), batch=4)
+    labels = np.arange(24) % 10
+    tuned = onnxvq.compress(mlp(), method="pq", k=16, d=4, min_size=0, calib=calib, labels=labels, seed=0,
+                            finetune={"mode": "e2e", "steps": 20, "holdout": 0.0, "augment": "mixup"})
+    stats = tuned.summary.calibration["e2e"]
+    assert stats["augment"] == "none" and stats["steps"] == 20

@@ -205,6 +205,7 @@ def train_end_to_end(
         "loss_first": float(np.mean(losses[:window])) if losses else None,
         "loss_last": float(np.mean(losses[-window:])) if losses else None,
         "losses": [target.kind if target else "none (not float)" for target in targets],
+        "augment": "mixup" if mixing is not None else "none",
         "trained_other_initializers": len(rest),
         "held_losses": [[at, round(value, 6)] for at, value in held_losses],
         "kept_step": kept_step,
