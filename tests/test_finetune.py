@@ -285,7 +285,7 @@ def test_mixup_feeds_mix_samples_of_the_same_shapes_and_are_labelled_by_the_orig
     model = ir.from_proto(_shifted_mlp())
     r = np.random.default_rng(3)
     samples = [{"x": r.standard_normal((rows, 64)).astype(np.float32),
-                "shift": np.full((rows, 1), 7, np.int64)} for rows in (4, 4, 4, 2, 2)]
+                "shift": np.full((rows, 1), 10 * i, np.int64)} for i, rows in enumerate((4, 4, 4, 2, 2))]
     calib = load_calibration(samples, model)
     compared, _ = _compared_model(model, "auto")
     mixup = _Mixup(calib, compared)
