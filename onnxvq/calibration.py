@@ -108,15 +108,19 @@ class CalibrationSet:
                 yield self._join(group)
 
     def _join(self, indices: list[int]):
-        if len(indices) == 1:
-            i = indices[0]
-            return indices, self.samples[i], self.labels[i] if self.labels else None
-        feed = {
-            name: np.concatenate([self.samples[i][name] for i in indices])
-            for name in self.samples[indices[0]]
-        }
-        labels = np.concatenate([self.labels[i] for i in indices]) if self.labels else None
+        feed = join_feeds([self.samples[i] for i in indices])
+        labels = None
+        if self.labels:
+            labels = self.labels[indices[0]] if len(indices) == 1 else np.concatenate([self.labels[i] for i in indices])
         return indices, feed, labels
+
+
+def join_feeds(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Feeds of equal input shapes (but the batch axis) as one batch: concatenated along the
+    first axis; a single feed as it is."""
+    if len(feeds) == 1:
+        return feeds[0]
+    return {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
 
 
 def load_calibration(

@@ -280,6 +280,7 @@ def _shifted_mlp() -> onnx.ModelProto:
 
 def test_mixup_feeds_mix_samples_of_the_same_shapes_and_are_labelled_by_the_original_model():
     from onnxvq.calibration import load_calibration
+    from onnxvq.activations import _TapSession
     from onnxvq.finetune.end_to_end import _compared_model, _Mixup
 
     model = ir.from_proto(_shifted_mlp())
@@ -288,7 +289,7 @@ def test_mixup_feeds_mix_samples_of_the_same_shapes_and_are_labelled_by_the_orig
                 "shift": np.full((rows, 1), 10 * i, np.int64)} for i, rows in enumerate((4, 4, 4, 2, 2))]
     calib = load_calibration(samples, model)
     compared, _ = _compared_model(model, "auto")
-    mixup = _Mixup(calib, compared)
+    mixup = _Mixup(calib, _TapSession(compared, {}, None))
     rng = np.random.default_rng(0)
     lams = []
     for indices in ([0, 1, 2], [3, 4], [0], [3]):

@@ -33,9 +33,9 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from onnxvq.activations import _TapSession, run_model, values_by_name
+from onnxvq.activations import _TapSession, values_by_name
 from onnxvq.candidates import weight_feeds
-from onnxvq.calibration import CalibrationSet
+from onnxvq.calibration import CalibrationSet, join_feeds
 from onnxvq.finetune.torch_graph import TorchGraph
 from onnxvq.finetune.trainable import TrainableWeight
 from onnxvq.finetune_settings import E2E_MIN_STEPS, FinetuneSettings
@@ -111,8 +111,13 @@ def train_end_to_end(
     rest = _other_float_initializers(student, set(modules)) if settings.train_rest else []
     rest = list(dict.fromkeys([*rest, *extra_trainable]))
     compared, targets = _compared_model(model, settings.loss)
-    teacher = run_model(compared, calib)
-    targets = [(t or _plain_target(teacher[0][o])) if teacher[0][o].dtype.kind == "f" else None
+    # One onnxruntime session of the original model labels the samples, the held-back ones and
+    # the mixed batches; with mixup the samples' own outputs are never used past the first.
+    teacher_session = _TapSession(compared, {}, None)
+    mixing = _Mixup(calib, teacher_session) if settings.augment == "mixup" and calib.labels is None else None
+    teacher = None if mixing is not None else [teacher_session.run_outputs(feed) for feed in calib.samples]
+    first = teacher[0] if teacher is not None else teacher_session.run_outputs(calib.samples[0])
+    targets = [(t or _plain_target(first[o])) if first[o].dtype.kind == "f" else None
                for o, t in enumerate(targets)]
     trained = compared if student is model else _compared_model(student, settings.loss)[0]
     graph = TorchGraph(trained, trainable=rest)
@@ -123,8 +128,8 @@ def train_end_to_end(
         """Each module's dense weight, where the graph reads it (a recurrent op's W and R apart)."""
         return {value.name: part for name, module in modules.items() for value, part in weight_feeds(weights[name], module())}
 
-    held_teacher = run_model(compared, held) if held is not None and len(held.samples) else None
-    mixing = _Mixup(calib, compared) if settings.augment == "mixup" and calib.labels is None else None
+    held_teacher = ([teacher_session.run_outputs(feed) for feed in held.samples]
+                    if held is not None and len(held.samples) else None)
 
     def held_loss() -> float:
         with torch.no_grad():
@@ -240,9 +245,9 @@ class _Mixup:
     loss lowest after 100 of 1000 steps and rising after).
     """
 
-    def __init__(self, calib: CalibrationSet, compared: ir.Model):
+    def __init__(self, calib: CalibrationSet, teacher: _TapSession):
         self.samples = calib.samples
-        self.session = _TapSession(compared, {}, None)
+        self.session = teacher
         self.alike: dict[tuple, list[int]] = {}
         self.key_of = []
         for i, sample in enumerate(self.samples):
@@ -259,7 +264,7 @@ class _Mixup:
                 name: (lam * a + (1 - lam) * self.samples[j][name]).astype(a.dtype) if a.dtype.kind == "f" else a
                 for name, a in self.samples[i].items()
             })
-        feed = mixed[0] if len(mixed) == 1 else {name: np.concatenate([m[name] for m in mixed]) for name in mixed[0]}
+        feed = join_feeds(mixed)
         return feed, self.session.run_outputs(feed)
 
 
