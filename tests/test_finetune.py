@@ -265,6 +265,32 @@ def test_e2e_keeps_the_modules_of_the_lowest_held_out_loss():
     assert stats["kept_step"] > 0 and min(v for _, v in stats["held_losses"]) < stats["held_losses"][0][1]
 
 
+def test_e2e_by_default_trains_until_the_held_out_loss_stops_falling():
+    """Without steps or epochs, e2e with held-back samples lays its cosine over E2E_MAX_STEPS and
+    ends once E2E_PATIENCE checks in a row have not lowered the held-out loss; explicit steps
+    always run to the end."""
+    from onnxvq.finetune_settings import E2E_MAX_STEPS, E2E_PATIENCE
+
+    calib = feeds(20, (64,), batch=4)
+    common = dict(method="pq", k=16, d=4, min_size=0, calib=calib, seed=1)
+    every = E2E_MAX_STEPS // 10
+    # A rate that wrecks the codebooks: no check beats the untrained start.
+    wrecked = onnxvq.compress(mlp(), finetune={"mode": "e2e", "lr": 50.0, "holdout": 0.25}, **common)
+    stats = wrecked.summary.calibration["e2e"]
+    assert stats["planned_steps"] == E2E_MAX_STEPS and stats["stopped_early"]
+    assert stats["steps"] == E2E_PATIENCE * every and stats["kept_step"] == 0
+    assert [at for at, _ in stats["held_losses"]] == [i * every for i in range(E2E_PATIENCE + 1)]
+    # A useful rate: wherever it ends, the checks after the kept one are E2E_PATIENCE or it ran out.
+    useful = onnxvq.compress(mlp(), finetune={"mode": "e2e", "lr": 3e-4, "holdout": 0.25}, **common)
+    stats = useful.summary.calibration["e2e"]
+    after_best = [at for at, _ in stats["held_losses"] if at > stats["kept_step"]]
+    assert stats["kept_step"] > 0
+    assert len(after_best) == E2E_PATIENCE if stats["stopped_early"] else stats["steps"] == E2E_MAX_STEPS
+    assert stats["kept_step"] == min(stats["held_losses"], key=lambda item: item[1])[0]
+    fixed = onnxvq.compress(mlp(), finetune={"mode": "e2e", "lr": 50.0, "holdout": 0.25, "steps": 500}, **common)
+    assert fixed.summary.calibration["e2e"]["steps"] == 500 and not fixed.summary.calibration["e2e"]["stopped_early"]
+
+
 def _shifted_mlp() -> onnx.ModelProto:
     """``mlp()`` whose input is ``x + shift`` with ``shift`` an int64 input: mixup must leave
     integer inputs as they are."""
