@@ -20,7 +20,7 @@ from typing import Any
 
 from onnxvq.errors import OnnxVQError
 
-__all__ = ["E2E_MAX_STEPS", "E2E_MIN_STEPS", "E2E_PATIENCE", "FINETUNE_MODES", "LOSSES", "PWLU_INTERVALS", "FinetuneSettings", "parse_activations"]
+__all__ = ["E2E_MAX_STEPS", "E2E_MIN_GAIN", "E2E_MIN_STEPS", "E2E_PATIENCE", "FINETUNE_MODES", "LOSSES", "PWLU_INTERVALS", "FinetuneSettings", "parse_activations"]
 
 FINETUNE_MODES = ("none", "layer", "e2e")
 LOSSES = ("auto", "kl", "mse")
@@ -29,12 +29,14 @@ AUGMENTS = ("mixup", "none")
 # calibration lines: 10 epochs are 20 steps and leave it broken; 200 steps give char_acc 0.84.
 E2E_MIN_STEPS = 200
 # e2e's default with held-back samples: up to this many steps (or 10 epochs, when more), ended
-# once E2E_PATIENCE held-out checks in a row have not lowered the held-out loss. Where the
-# student keeps improving (the recognizer at 16x: held-out loss 0.21 at step 200, still falling;
-# char_acc 0.84 at 200 steps, 0.93 at 1000) it trains to the end; where nothing improves (the
-# same model at 8x keeps its untrained start) it stops after E2E_PATIENCE checks.
+# once E2E_PATIENCE held-out checks in a row have lowered the lowest held-out loss by less than
+# E2E_MIN_GAIN (relative). Where the student keeps improving (the recognizer at 16x: held-out
+# loss 0.21 at step 200, still falling; char_acc 0.84 at 200 steps, 0.93 at 1000) it trains to
+# the end; where little is left to gain (the same model at 8x reads as fp32 before training)
+# it stops after E2E_PATIENCE checks.
 E2E_MAX_STEPS = 1000
 E2E_PATIENCE = 3
+E2E_MIN_GAIN = 0.05
 DEFAULT_EPOCHS = 10
 PWLU_INTERVALS = 16  # the paper's default
 
@@ -48,8 +50,8 @@ class FinetuneSettings:
         epochs: passes over the data: over each layer's captured input rows (``layer``) or over
             the calibration samples (``e2e``). None (the default): 10 for ``layer``. For ``e2e``
             with held-back samples: up to 10 epochs or :data:`E2E_MAX_STEPS` steps, whichever is
-            more, ended early once :data:`E2E_PATIENCE` held-out checks in a row have not lowered
-            the held-out loss; without them, 10 epochs and at least :data:`E2E_MIN_STEPS` steps,
+            more, ended early once :data:`E2E_PATIENCE` held-out checks in a row have lowered
+            the lowest held-out loss by less than :data:`E2E_MIN_GAIN`; without them, 10 epochs and at least :data:`E2E_MIN_STEPS` steps,
             since a few dozen calibration samples make only a few batches per epoch.
         steps: optimizer steps instead of epochs (per layer for ``layer``, in all for ``e2e``).
         lr: Adam learning rate.

@@ -38,7 +38,7 @@ from onnxvq.candidates import weight_feeds
 from onnxvq.calibration import CalibrationSet, join_feeds
 from onnxvq.finetune.torch_graph import TorchGraph
 from onnxvq.finetune.trainable import TrainableWeight
-from onnxvq.finetune_settings import E2E_MAX_STEPS, E2E_MIN_STEPS, E2E_PATIENCE, FinetuneSettings
+from onnxvq.finetune_settings import E2E_MAX_STEPS, E2E_MIN_GAIN, E2E_MIN_STEPS, E2E_PATIENCE, FinetuneSettings
 from onnxvq.output_quality import is_class_scores
 from onnxvq.progress import progress as progress_bar
 from onnxvq.sensitivity import ELEMENTWISE, measured_output
@@ -102,8 +102,10 @@ def train_end_to_end(
     lowest held-out loss are kept, the untrained ones included: a few dozen calibration samples
     are easy to overfit (PP-OCRv6's recognizer at 8x, 22 samples, 200 steps: char_acc 0.996 ->
     0.979 without this check). Without ``steps`` or ``epochs`` and with ``held`` samples, the
-    training ends once :data:`~onnxvq.finetune_settings.E2E_PATIENCE` checks in a row have not
-    lowered the held-out loss (the cosine is laid over the most steps it may take).
+    training ends once :data:`~onnxvq.finetune_settings.E2E_PATIENCE` checks in a row have
+    lowered the lowest held-out loss by less than
+    :data:`~onnxvq.finetune_settings.E2E_MIN_GAIN` (relative); the cosine is laid over the most
+    steps it may take.
 
     Returns (stats, learned other initializers: name -> array, empty unless ``train_rest`` or
     ``extra_trainable``).
@@ -198,9 +200,9 @@ def train_end_to_end(
                     held_losses.append((step, held_loss()))
                     if held_losses[-1][1] < best[1]:
                         best = (step, held_losses[-1][1], snapshot())
-                    # Checks since the best one; the kept modules are the best's, so ending
-                    # here loses nothing the remaining steps had been shown to give.
-                    stopped = stop_early and sum(at > best[0] for at, _ in held_losses) >= E2E_PATIENCE
+                    # The kept modules are the best's, so ending here loses only what the
+                    # remaining steps might still add, and the last checks say that is little.
+                    stopped = stop_early and _stalled([value for _, value in held_losses])
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             for module in modules.values():
@@ -227,6 +229,15 @@ def train_end_to_end(
         "kept_step": kept_step,
     }
     return stats, learned
+
+
+def _stalled(held_losses: list[float]) -> bool:
+    """Whether the last :data:`E2E_PATIENCE` checks lowered the lowest held-out loss before them
+    by less than :data:`E2E_MIN_GAIN` (relative; the first value is the untrained one)."""
+    if len(held_losses) <= E2E_PATIENCE:
+        return False
+    before = min(held_losses[:-E2E_PATIENCE])
+    return min(held_losses) >= (1.0 - E2E_MIN_GAIN) * before
 
 
 def _teacher_of(teacher: list[list[np.ndarray]], indices) -> list[np.ndarray]:
