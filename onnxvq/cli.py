@@ -124,7 +124,7 @@ def main() -> None:
 @click.option("--calib", type=click.Path(), default=None, help="Calibration data: an .npz keyed by input name (samples on axis 0) or a folder of .npz samples.")
 @click.option("--labels", type=click.Path(), default=None, help="Class labels (.npy, or .npz with 'labels') for a task loss.")
 @click.option("--finetune", type=click.Choice(["none", "layer", "e2e"]), default=None, help="Fine-tuning with --calib. [default: layer with --calib]")
-@click.option("--epochs", type=int, default=None, help="Passes over the data (per layer for layer-wise). [default: 10; e2e: until the held-out loss stops falling, at most 1000 steps or 10 epochs]")
+@click.option("--epochs", type=int, default=None, help="Passes over the data (per layer for layer-wise). [default: 10; e2e: 1000 steps or 10 epochs, ended after 3 of 10 held-out checks when the held-out loss does not fall]")
 @click.option("--steps", type=int, default=None, help="Optimizer steps instead of epochs (run to the end).")
 @click.option("--lr", type=float, default=None, help="Adam learning rate. [default: 1e-3]")
 @click.option("--batch-size", type=int, default=None, help="Calibration samples per step. [default: 32]")

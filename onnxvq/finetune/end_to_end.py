@@ -102,10 +102,10 @@ def train_end_to_end(
     lowest held-out loss are kept, the untrained ones included: a few dozen calibration samples
     are easy to overfit (PP-OCRv6's recognizer at 8x, 22 samples, 200 steps: char_acc 0.996 ->
     0.979 without this check). Without ``steps`` or ``epochs`` and with ``held`` samples, the
-    training ends once :data:`~onnxvq.finetune_settings.E2E_PATIENCE` checks in a row have
-    lowered the lowest held-out loss by less than
-    :data:`~onnxvq.finetune_settings.E2E_MIN_GAIN` (relative); the cosine is laid over the most
-    steps it may take.
+    cosine is laid over :data:`~onnxvq.finetune_settings.E2E_MAX_STEPS` steps (or 10 epochs),
+    and training ends after :data:`~onnxvq.finetune_settings.E2E_PATIENCE` checks when none of
+    them has lowered the untrained held-out loss by
+    :data:`~onnxvq.finetune_settings.E2E_MIN_GAIN` (relative).
 
     Returns (stats, learned other initializers: name -> array, empty unless ``train_rest`` or
     ``extra_trainable``).
@@ -200,9 +200,7 @@ def train_end_to_end(
                     held_losses.append((step, held_loss()))
                     if held_losses[-1][1] < best[1]:
                         best = (step, held_losses[-1][1], snapshot())
-                    # The kept modules are the best's, so ending here loses only what the
-                    # remaining steps might still add, and the last checks say that is little.
-                    stopped = stop_early and _stalled([value for _, value in held_losses])
+                    stopped = stop_early and not _pays([value for _, value in held_losses])
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             for module in modules.values():
@@ -231,13 +229,12 @@ def train_end_to_end(
     return stats, learned
 
 
-def _stalled(held_losses: list[float]) -> bool:
-    """Whether the last :data:`E2E_PATIENCE` checks lowered the lowest held-out loss before them
-    by less than :data:`E2E_MIN_GAIN` (relative; the first value is the untrained one)."""
+def _pays(held_losses: list[float]) -> bool:
+    """False once :data:`E2E_PATIENCE` checks after the untrained one (the first value) are in
+    and none has lowered it by :data:`E2E_MIN_GAIN` (relative); True before that."""
     if len(held_losses) <= E2E_PATIENCE:
-        return False
-    before = min(held_losses[:-E2E_PATIENCE])
-    return min(held_losses) >= (1.0 - E2E_MIN_GAIN) * before
+        return True
+    return min(held_losses[1:]) < (1.0 - E2E_MIN_GAIN) * held_losses[0]
 
 
 def _teacher_of(teacher: list[list[np.ndarray]], indices) -> list[np.ndarray]:
