@@ -31,7 +31,7 @@ E2E_MIN_STEPS = 200
 # e2e's default with held-back samples: this many steps (or 10 epochs, when more) on one cosine,
 # ended after E2E_PATIENCE held-out checks when none of them has lowered the held-out loss of the
 # untrained start by E2E_MIN_GAIN (relative): there fine-tuning does not pay (the recognizer at
-# 8x: 0.0003 untrained, 0.05-0.13 after 100-300 steps). Where it pays it runs to the end, since
+# 8x: 0.0003 untrained, 0.05-0.14 after 100-300 steps). Where it pays it runs to the end, since
 # on the cosine the late, slow steps give much of the gain (the recognizer at 16x, 22 training
 # lines: held-out loss 0.072 at step 600, 0.039 at step 900; char_acc 0.75 after 200 steps,
 # 0.87 after 1000), so a stall in the middle says nothing about the end.

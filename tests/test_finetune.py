@@ -379,4 +379,3 @@ def test_e2e_with_labels_trains_on_the_samples_themselves():
                             finetune={"mode": "e2e", "steps": 20, "holdout": 0.0, "augment": "mixup"})
     stats = tuned.summary.calibration["e2e"]
     assert stats["augment"] == "none" and stats["steps"] == 20
-
