@@ -25,8 +25,9 @@ __all__ = ["E2E_MAX_STEPS", "E2E_MIN_GAIN", "E2E_MIN_STEPS", "E2E_PATIENCE", "FI
 FINETUNE_MODES = ("none", "layer", "e2e")
 LOSSES = ("auto", "kl", "mse")
 AUGMENTS = ("mixup", "none")
-# e2e's floor when counted in epochs, and its default without held-back samples. PP-OCRv6's recognizer at --target-ratio 16 with 48
-# calibration lines: 10 epochs are 20 steps and leave it broken; 200 steps give char_acc 0.84.
+# e2e's floor when counted in epochs, and its default without held-back samples. PP-OCRv6's
+# recognizer at --target-ratio 16 with 48 calibration lines: 10 epochs are 20 steps and leave
+# it broken; 200 steps give char_acc 0.84.
 E2E_MIN_STEPS = 200
 # e2e's default with held-back samples: this many steps (or 10 epochs, when more) on one cosine,
 # ended after E2E_PATIENCE held-out checks when none of them has lowered the held-out loss of the
