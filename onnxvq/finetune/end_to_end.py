@@ -159,15 +159,16 @@ def train_end_to_end(
 
     rng = np.random.default_rng(seed)
     per_epoch = sum(1 for _ in calib.batches(settings.batch_size))
+    stop_early = False  # only the default length, with held-back samples, may end early
     if settings.steps is not None:
         total = settings.steps
     elif settings.epochs is not None:
         total = settings.epochs * per_epoch
     elif best is not None:
         total = max(settings.epoch_count * per_epoch, E2E_MAX_STEPS)
+        stop_early = True
     else:
         total = max(settings.epoch_count * per_epoch, E2E_MIN_STEPS)
-    stop_early = settings.steps is None and settings.epochs is None and best is not None
     stopped = False
     # The rate falls to 0 along a cosine over the steps: mixed batches keep the gradient noisy,
     # and at a constant rate the held-out loss swings from check to check late in training.
