@@ -63,7 +63,7 @@ MODES = {"none": (False, None), "data": (True, "none"), "layer": (True, "layer")
          "layer_pwlu_ch": (True, {"mode": "layer", "activations": "pwlu:8:channel"}),
          "e2e_pwlu": (True, {"mode": "e2e", "activations": "pwlu"}),
          "e2e_pwlu_ch": (True, {"mode": "e2e", "activations": "pwlu:8:channel"}),
-         # five times the default steps, for the models e2e rescues slowly (PP-OCRv6 rec at 16x)
+         # e2e's default length (1000 steps) without its early end: what a run that pays gets
          "e2e_long": (True, {"mode": "e2e", "steps": 1000})}
 MODE_LABELS = {"none": "no data", "data": "data-aware", "layer": "layer", "e2e": "e2e",
                "layer_pwlu": "layer + pwlu", "layer_pwlu_ch": "layer + pwlu:8:channel",
