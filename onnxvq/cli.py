@@ -130,7 +130,7 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=None, help="Calibration samples per step. [default: 32]")
 @click.option("--loss", type=click.Choice(["auto", "kl", "mse"]), default=None, help="e2e distillation loss. [default: auto: kl on a Softmax/Sigmoid output's logits and on class scores, mse otherwise]")
 @click.option("--augment", type=click.Choice(["mixup", "none"]), default=None, help="e2e: train on mixes of calibration samples, labelled by the original model (not with --labels). [default: mixup]")
-@click.option("--train-rest", is_flag=True, default=None, help="e2e: also train the other float initializers (biases, norms).")
+@click.option("--train-rest", is_flag=True, default=None, help="e2e: also train the layers' other float parameters (biases, norms' scales and shifts, weights left dense).")
 @click.option("--activations", default=None, metavar="keep|pwlu[:N][:layer|:channel]", help="With --calib: activations behind the model's layers become learned piecewise-linear PWLUs (N intervals, one function per layer or per channel). [default: keep]")
 @click.option("--weight-only", is_flag=True, help="With --calib, encode from weights alone (ablation).")
 @click.option("--holdout", type=float, default=None, help="Fraction of calibration samples held back for quality. [default: 0.1]")

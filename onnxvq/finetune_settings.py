@@ -63,9 +63,11 @@ class FinetuneSettings:
             ``Sigmoid`` is compared on its logits by KL divergence; a 2-D float output with more
             than one column, a classifier's logits, by KL of its rows' softmaxes; ``mse``
             otherwise: see :mod:`onnxvq.finetune.end_to_end`), or ``kl``/``mse`` on every output.
-        train_rest: ``e2e`` only: also train the model's other float initializers (biases,
-            norms); they are written back into the graph. Off by default: every tensor that is
-            not quantized stays bit-identical.
+        train_rest: ``e2e`` only: also train the layers' other float parameters (biases, a
+            normalization's scale and shift, weights left dense; never the graph's arithmetic
+            constants: :func:`onnxvq.finetune.end_to_end._other_float_initializers`); they are
+            written back into the graph. Off by default: every tensor that is not quantized
+            stays bit-identical.
         data_aware: encode with activation statistics (weighted k-means + least-squares
             codebook); off gives weight-only k-means even with calibration data (for ablations).
         holdout: fraction of the calibration samples held back to measure output quality (none

@@ -125,6 +125,63 @@ def test_train_rest_writes_learned_biases_back():
     assert after["b0"].dtype == before["b0"].dtype and after["b0"].shape == before["b0"].shape
 
 
+def _mlp_with_graph_arithmetic() -> onnx.ModelProto:
+    """The MLP with, after its first Gemm, a soft sign written in ops (``h / sqrt(h ** 2 + eps)``,
+    a Pow with exponent 2 and an Add of a scalar epsilon), an affine (gamma, beta) and a
+    BatchNormalization: float initializers that are the graph's arithmetic next to ones that are
+    layer parameters."""
+    proto = mlp()
+    graph = proto.graph
+    arithmetic = [
+        helper.make_node("Pow", ["h0_pre", "two"], ["sq"], name="pow"),
+        helper.make_node("Add", ["sq", "eps"], ["sq_eps"], name="add_eps"),
+        helper.make_node("Sqrt", ["sq_eps"], ["norm"], name="sqrt"),
+        helper.make_node("Div", ["h0_pre", "norm"], ["soft"], name="div"),
+        helper.make_node("Mul", ["soft", "gamma"], ["scaled"], name="mul_gamma"),
+        helper.make_node("Add", ["scaled", "beta"], ["shifted"], name="add_beta"),
+        helper.make_node("BatchNormalization", ["shifted", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+                         ["h0_bn"], name="bn"),
+    ]
+    relu = next(n for n in graph.node if n.name == "relu0")
+    relu.input[0] = "h0_bn"
+    index = [n.name for n in graph.node].index("relu0")
+    for offset, node in enumerate(arithmetic):
+        graph.node.insert(index + offset, node)
+    width = 128
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-3, np.float32), "eps"),
+        numpy_helper.from_array(np.ones(width, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(width, np.float32), "beta"),
+        numpy_helper.from_array(np.ones(width, np.float32), "bn_scale"),
+        numpy_helper.from_array(np.zeros(width, np.float32), "bn_bias"),
+        numpy_helper.from_array(np.full(width, 0.1, np.float32), "bn_mean"),
+        numpy_helper.from_array(np.full(width, 0.9, np.float32), "bn_var"),
+    ])
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_train_rest_trains_layer_parameters_and_leaves_the_graphs_arithmetic_alone():
+    from onnxvq.finetune.end_to_end import _other_float_initializers
+
+    proto = _mlp_with_graph_arithmetic()
+    opened = set(_other_float_initializers(ir.from_proto(proto), {"w0", "w1", "w2"}))
+    assert opened == {"b0", "b1", "b2", "gamma", "beta", "bn_scale", "bn_bias"}
+    calib = feeds(6, (64,), batch=16)
+    result = onnxvq.compress(proto, method="pq", k=16, d=4, min_size=0, calib=calib,
+                             finetune={"mode": "e2e", "epochs": 3, "train_rest": True, "lr": 1e-2})
+    before = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in result.to_proto().graph.initializer}
+    # Trained, the exponent gets a NaN gradient (d h^p / dp = h^p ln h, h < 0) on the first step,
+    # and a running variance can go negative; they must come back bit-identical.
+    for name in ("two", "eps", "bn_mean", "bn_var"):
+        assert np.array_equal(after[name], before[name]), name
+    for name in ("gamma", "beta", "bn_bias"):
+        assert np.isfinite(after[name]).all() and not np.array_equal(after[name], before[name]), name
+    assert np.isfinite(run_ort(result.to_proto(), calib[0])[0]).all()
+
+
 def _assert_only_vq_parts_changed(original: onnx.ModelProto, compressed: onnx.ModelProto):
     """Every node that is not a VQ node and every initializer that is not a quantized weight's
     replacement is byte-identical to the original's."""
@@ -263,6 +320,25 @@ def test_e2e_keeps_the_modules_of_the_lowest_held_out_loss():
     useful = onnxvq.compress(mlp(), finetune={"mode": "e2e", "steps": 30, "lr": 3e-3, "holdout": 0.25}, **common)
     stats = useful.summary.calibration["e2e"]
     assert stats["kept_step"] > 0 and min(v for _, v in stats["held_losses"]) < stats["held_losses"][0][1]
+
+
+def test_e2e_that_diverges_ends_there_and_keeps_the_untrained_encoding():
+    """A rate so large that the loss overflows to inf/NaN, without held-back samples (nothing to
+    compare with): training ends at the first non-finite loss and writes the untrained encoding,
+    not NaNs."""
+    calib = feeds(20, (64,), batch=4)
+    common = dict(method="pq", k=16, d=4, min_size=0, calib=calib, seed=1)
+    diverged = onnxvq.compress(mlp(), finetune={"mode": "e2e", "steps": 30, "lr": 1e30, "holdout": 0.0}, **common)
+    stats = diverged.summary.calibration["e2e"]
+    assert stats["diverged_at"] is not None and 0 < stats["diverged_at"] == stats["steps"] < 30
+    assert stats["kept_step"] == 0 and not stats["stopped_early"]
+    encoded = onnxvq.compress(mlp(), finetune={"mode": "none", "holdout": 0.0}, **common)
+    x = calib[0]["x"]
+    np.testing.assert_allclose(run_ort(diverged.to_proto(), {"x": x})[0], run_ort(encoded.to_proto(), {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+    useful = onnxvq.compress(mlp(), finetune={"mode": "e2e", "steps": 30, "lr": 3e-3, "holdout": 0.0}, **common)
+    assert useful.summary.calibration["e2e"]["diverged_at"] is None
+    assert useful.summary.calibration["e2e"]["kept_step"] == 30
 
 
 def test_e2e_by_default_runs_its_cosine_unless_the_first_checks_show_no_gain():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -42,6 +43,8 @@ from onnxvq.finetune_settings import E2E_MAX_STEPS, E2E_MIN_GAIN, E2E_MIN_STEPS,
 from onnxvq.output_quality import is_class_scores
 from onnxvq.progress import progress as progress_bar
 from onnxvq.sensitivity import ELEMENTWISE, measured_output
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["HELD_CHECKS", "distillation_loss", "train_end_to_end"]
 
@@ -153,6 +156,9 @@ def train_end_to_end(
     if held_teacher is not None:
         held_losses.append((0, held_loss()))
         best = (0, held_losses[0][1], snapshot())
+    # Without held-back samples, the untrained state is what a diverging run falls back to.
+    untrained = (0, math.inf, snapshot()) if best is None else None
+    diverged_at = None
     parameters = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     parameters += [graph.initializer(name) for name in rest]
     optimizer = torch.optim.Adam(parameters, lr=settings.lr)
@@ -189,6 +195,14 @@ def train_end_to_end(
                 loss = _summed_loss(outputs, targets, reference)
                 if labels is not None:
                     loss = loss + F.cross_entropy(outputs[0], torch.from_numpy(labels))
+                if not torch.isfinite(loss):
+                    # One step on a NaN or infinite loss makes every trained tensor NaN: training
+                    # ends here and the best state so far (or the untrained one) is kept.
+                    diverged_at, stopped = step, True
+                    logger.warning("e2e fine-tuning: the loss is %s at step %d; training ended there and "
+                                   "kept %s", float(loss.detach()), step,
+                                   "the untrained state" if best is None else "the state of the lowest held-out loss")
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -207,8 +221,9 @@ def train_end_to_end(
             for module in modules.values():
                 module.end_epoch(step // max(per_epoch, 1) - 1, math.ceil(total / max(per_epoch, 1)))
     kept_step = step
-    if best is not None and best[0] != step:
-        kept_step, _, (kept_modules, kept_rest) = best
+    fallback = best if best is not None else (untrained if diverged_at is not None else None)
+    if fallback is not None and fallback[0] != step:
+        kept_step, _, (kept_modules, kept_rest) = fallback
         modules.update(kept_modules)
         with torch.no_grad():
             for name, value in kept_rest.items():
@@ -218,7 +233,8 @@ def train_end_to_end(
     stats = {
         "steps": step,
         "planned_steps": total,
-        "stopped_early": stopped,
+        "stopped_early": stopped and diverged_at is None,
+        "diverged_at": diverged_at,
         "loss_first": float(np.mean(losses[:window])) if losses else None,
         "loss_last": float(np.mean(losses[-window:])) if losses else None,
         "losses": [target.kind if target else "none (not float)" for target in targets],
@@ -318,7 +334,26 @@ def _plain_target(teacher_output: np.ndarray) -> _Target:
     return _Target("kl" if is_class_scores(teacher_output) else "mse")
 
 
+# The inputs at which an initializer is a parameter of the layer that reads it (op type -> input
+# indices; ELEMENTWISE_OPERAND: either operand of an elementwise op, when the tensor has more than
+# one entry: a bias, a norm's scale or shift). Every other float initializer is the graph's own
+# arithmetic: a Pow's exponent, LayerNorm's epsilon, hard-sigmoid's 3 and 6, BatchNormalization's
+# running statistics, Resize's scales, Clip's bounds. Trained, those break the graph: on
+# PP-OCRv6's recognizer, the exponent 2 of LayerNorm's Pow got a NaN gradient on the first step
+# (d x^p / dp = x^p ln x, with x < 0) and every loss after it was NaN.
+ELEMENTWISE_OPERAND = "elementwise"
+_LEARNABLE_INPUTS: dict[str, set[int] | str] = {
+    "Conv": {1, 2}, "ConvTranspose": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1},
+    "BatchNormalization": {1, 2}, "LayerNormalization": {1, 2}, "InstanceNormalization": {1, 2},
+    "GroupNormalization": {1, 2}, "PRelu": {1}, "LSTM": {1, 2, 3}, "GRU": {1, 2, 3}, "RNN": {1, 2, 3},
+    "Add": ELEMENTWISE_OPERAND, "Sub": ELEMENTWISE_OPERAND, "Mul": ELEMENTWISE_OPERAND,
+    "Div": ELEMENTWISE_OPERAND,
+}
+
+
 def _other_float_initializers(model: ir.Model, quantized: set[str]) -> list[str]:
+    """The float initializers ``train_rest`` opens: those not quantized whose every use (at least
+    one, in the main graph) is a layer's parameter (:data:`_LEARNABLE_INPUTS`)."""
     return [
         name
         for name, value in model.graph.initializers.items()
@@ -326,4 +361,21 @@ def _other_float_initializers(model: ir.Model, quantized: set[str]) -> list[str]
         and value.const_value is not None
         and value.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
         and not value.is_graph_input()
+        and _is_learnable(value)
     ]
+
+
+def _is_learnable(value: ir.Value) -> bool:
+    uses = value.uses()
+    if not uses:
+        return False
+    for use in uses:
+        inputs = _LEARNABLE_INPUTS.get(use.node.op_type) if use.node.domain in ("", "ai.onnx") else None
+        if inputs is None:
+            return False
+        if inputs == ELEMENTWISE_OPERAND:
+            if value.const_value.size <= 1:
+                return False
+        elif use.idx not in inputs:
+            return False
+    return True
