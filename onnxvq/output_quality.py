@@ -114,7 +114,12 @@ def output_quality(
                 labelled = False
         else:
             rows += 1
-    sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
+    if not math.isfinite(noise):
+        # A NaN or infinite output is as damaged as an output can be (a NaN SQNR would pass
+        # every threshold, since every comparison with NaN is false).
+        sqnr = -math.inf
+    else:
+        sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
     return OutputQuality(
         sqnr_db=sqnr,
         top1_agreement=agree / rows if scores and rows else None,

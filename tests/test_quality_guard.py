@@ -120,3 +120,18 @@ def test_raw_scores_over_many_classes_count_when_their_winner_stands_out():
     few = logits[..., :10].copy()  # too few classes to judge by spread
     few[np.arange(20), 0, 0] += 12.0
     assert class_rows(few) is None
+
+
+def test_a_nan_output_counts_as_damaged():
+    """A NaN in the compressed model's output makes every comparison with it false: it must read
+    as the worst SQNR, and warn, not pass as undamaged."""
+    from onnxvq.output_quality import output_quality
+    from onnxvq.quality_guard import verdict
+
+    reference = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
+    broken = reference.copy()
+    broken[1, 3] = np.nan
+    quality = output_quality([[reference]], [[broken]])
+    assert quality.sqnr_db == -np.inf
+    assert verdict(quality, "the calibration samples", has_calib=True).warning is not None
+    assert output_quality([[reference]], [[reference * 1.01]]).sqnr_db > 30
