@@ -335,19 +335,19 @@ def _plain_target(teacher_output: np.ndarray) -> _Target:
 
 
 # The inputs at which an initializer is a parameter of the layer that reads it (op type -> input
-# indices; ELEMENTWISE_OPERAND: either operand of an elementwise op, when the tensor has more than
+# indices; _ELEMENTWISE_OPERAND: either operand of an elementwise op, when the tensor has more than
 # one entry: a bias, a norm's scale or shift). Every other float initializer is the graph's own
 # arithmetic: a Pow's exponent, LayerNorm's epsilon, hard-sigmoid's 3 and 6, BatchNormalization's
 # running statistics, Resize's scales, Clip's bounds. Trained, those break the graph: on
 # PP-OCRv6's recognizer, the exponent 2 of LayerNorm's Pow got a NaN gradient on the first step
 # (d x^p / dp = x^p ln x, with x < 0) and every loss after it was NaN.
-ELEMENTWISE_OPERAND = "elementwise"
+_ELEMENTWISE_OPERAND = "elementwise"
 _LEARNABLE_INPUTS: dict[str, set[int] | str] = {
     "Conv": {1, 2}, "ConvTranspose": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1},
     "BatchNormalization": {1, 2}, "LayerNormalization": {1, 2}, "InstanceNormalization": {1, 2},
     "GroupNormalization": {1, 2}, "PRelu": {1}, "LSTM": {1, 2, 3}, "GRU": {1, 2, 3}, "RNN": {1, 2, 3},
-    "Add": ELEMENTWISE_OPERAND, "Sub": ELEMENTWISE_OPERAND, "Mul": ELEMENTWISE_OPERAND,
-    "Div": ELEMENTWISE_OPERAND,
+    "Add": _ELEMENTWISE_OPERAND, "Sub": _ELEMENTWISE_OPERAND, "Mul": _ELEMENTWISE_OPERAND,
+    "Div": _ELEMENTWISE_OPERAND,
 }
 
 
@@ -366,6 +366,7 @@ def _other_float_initializers(model: ir.Model, quantized: set[str]) -> list[str]
 
 
 def _is_learnable(value: ir.Value) -> bool:
+    """True when every use of ``value`` (and there is one) is a learnable input of its node."""
     uses = value.uses()
     if not uses:
         return False
@@ -373,7 +374,7 @@ def _is_learnable(value: ir.Value) -> bool:
         inputs = _LEARNABLE_INPUTS.get(use.node.op_type) if use.node.domain in ("", "ai.onnx") else None
         if inputs is None:
             return False
-        if inputs == ELEMENTWISE_OPERAND:
+        if inputs == _ELEMENTWISE_OPERAND:
             if value.const_value.size <= 1:
                 return False
         elif use.idx not in inputs:
