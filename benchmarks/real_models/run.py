@@ -64,10 +64,12 @@ MODES = {"none": (False, None), "data": (True, "none"), "layer": (True, "layer")
          "e2e_pwlu": (True, {"mode": "e2e", "activations": "pwlu"}),
          "e2e_pwlu_ch": (True, {"mode": "e2e", "activations": "pwlu:8:channel"}),
          # e2e's default length (1000 steps) without its early end: what a run that pays gets
-         "e2e_long": (True, {"mode": "e2e", "steps": 1000})}
+         "e2e_long": (True, {"mode": "e2e", "steps": 1000}),
+         # e2e with --train-rest: biases and normalization parameters train too
+         "e2e_rest": (True, {"mode": "e2e", "train_rest": True})}
 MODE_LABELS = {"none": "no data", "data": "data-aware", "layer": "layer", "e2e": "e2e",
                "layer_pwlu": "layer + pwlu", "layer_pwlu_ch": "layer + pwlu:8:channel",
-               "e2e_pwlu": "e2e + pwlu", "e2e_pwlu_ch": "e2e + pwlu:8:channel", "e2e_long": "e2e 1000 steps"}
+               "e2e_pwlu": "e2e + pwlu", "e2e_pwlu_ch": "e2e + pwlu:8:channel", "e2e_long": "e2e 1000 steps", "e2e_rest": "e2e + train-rest"}
 
 # task modules, in table order
 TASKS = ["det_ppocr", "cls_ppocr", "rec_ppocr", "ddddocr_det", "ddddocr_ocr", "vad_silero", "vad_silero_half", "sample_digits"]
@@ -423,7 +425,8 @@ def main(argv=None):
                    "ppocr_det, ppocr_cls, ppocr_rec, ddddocr_det, ddddocr_ocr, silero_vad, silero_vad_half, digits_mlp")
     p.add_argument("--settings", help="indices into SETTINGS (e.g. 0,1), 'ablation', or a JSON list of compress() kwargs dicts")
     p.add_argument("--modes", default=DEFAULT_MODES, help="onnxvq modes: none (no data), data (calibration, "
-                   "no fine-tuning), layer (calibration + layer-wise fine-tuning); e2e also accepted")
+                   "no fine-tuning), layer (calibration + layer-wise fine-tuning); also "
+                   + ", ".join(m for m in MODES if m not in ("none", "data", "layer")))
     p.add_argument("--no-finetune", action="store_true", help="drop the fine-tuning modes")
     p.add_argument("--no-baselines", action="store_true", help="skip the onnxruntime quantizers")
     p.add_argument("--quick", action="store_true", help="smaller eval and calibration sets, no fine-tuning")
