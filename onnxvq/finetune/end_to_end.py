@@ -115,8 +115,6 @@ def train_end_to_end(
     """
     torch.manual_seed(seed)
     student = model if student is None else student
-    rest = _other_float_initializers(student, set(modules)) if settings.train_rest else []
-    rest = list(dict.fromkeys([*rest, *extra_trainable]))
     compared, targets = _compared_model(model, settings.loss)
     # One onnxruntime session of the original model labels the samples, the held-back ones and
     # the mixed batches; with mixup the samples' own outputs are never used past the first.
@@ -127,9 +125,15 @@ def train_end_to_end(
     targets = [(t or _plain_target(first[o])) if first[o].dtype.kind == "f" else None
                for o, t in enumerate(targets)]
     trained = compared if student is model else _compared_model(student, settings.loss)[0]
+    weights = values_by_name(trained.graph)
+    # Every initializer a module's value overrides, a recurrent op's R beside its joined W: none
+    # of them is "rest" (opened, R would train in vain and come back as the dense original).
+    with torch.no_grad():
+        overridden = {value.name for name, module in modules.items() for value, _ in weight_feeds(weights[name], module())}
+    rest = _other_float_initializers(trained, overridden) if settings.train_rest else []
+    rest = list(dict.fromkeys([*rest, *extra_trainable]))
     graph = TorchGraph(trained, trainable=rest)
     graph.train()
-    weights = values_by_name(trained.graph)
 
     def overrides_now() -> dict[str, torch.Tensor]:
         """Each module's dense weight, where the graph reads it (a recurrent op's W and R apart)."""
