@@ -126,18 +126,20 @@ def train_end_to_end(
                for o, t in enumerate(targets)]
     trained = compared if student is model else _compared_model(student, settings.loss)[0]
     weights = values_by_name(trained.graph)
-    # Every initializer a module's value overrides, a recurrent op's R beside its joined W: none
-    # of them is "rest" (opened, R would train in vain and come back as the dense original).
-    with torch.no_grad():
-        overridden = {value.name for name, module in modules.items() for value, _ in weight_feeds(weights[name], module())}
-    rest = _other_float_initializers(trained, overridden) if settings.train_rest else []
-    rest = list(dict.fromkeys([*rest, *extra_trainable]))
-    graph = TorchGraph(trained, trainable=rest)
-    graph.train()
 
     def overrides_now() -> dict[str, torch.Tensor]:
         """Each module's dense weight, where the graph reads it (a recurrent op's W and R apart)."""
         return {value.name: part for name, module in modules.items() for value, part in weight_feeds(weights[name], module())}
+
+    rest = []
+    if settings.train_rest:
+        # Every initializer a module's value overrides, a recurrent op's R beside its joined W:
+        # none of them is "rest" (opened, R would train in vain and come back as the dense original).
+        with torch.no_grad():
+            rest = _other_float_initializers(trained, set(overrides_now()))
+    rest = list(dict.fromkeys([*rest, *extra_trainable]))
+    graph = TorchGraph(trained, trainable=rest)
+    graph.train()
 
     held_teacher = ([teacher_session.run_outputs(feed) for feed in held.samples]
                     if held is not None and len(held.samples) else None)
